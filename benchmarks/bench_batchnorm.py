@@ -17,8 +17,10 @@ Implementations, each timed on the same arrays, interleaved round by round:
 * ``copy``       -- ``np.copyto`` into a preallocated array: the memory-bandwidth floor.
 
 Each measurement runs an implementation enough times back to back to last a few
-milliseconds; a round measures every implementation once, in a rotating order;
-medians and the min-max spread are over rounds.  Ratios are of medians; the
+milliseconds, after running it untimed for 10 ms (so that no implementation is
+timed while the previous one's threads still spin); a round measures every
+implementation once, in a rotating order; medians and the min-max spread are
+over rounds.  Ratios are of medians; the
 summary takes geometric means over the shapes.  Peak extra memory (tracemalloc,
 the returned arrays included) is reported relative to the input's bytes.
 """
@@ -160,8 +162,28 @@ def _calibrate(f: Callable[[], Any], target: float) -> int:
     return max(1, min(1000, math.ceil(target / max(dt, 1e-7))))
 
 
+#: Untimed running of an implementation before each of its timed measurements (seconds).
+#: PyTorch's OpenMP workers keep spinning for about 5 ms of CPU after every call
+#: (``time.process_time`` advances 5-6 ms while the main thread sleeps); without
+#: this settling, whatever runs next in a round shares the two cores with them.
+SETTLE = 0.01
+
+
+def _settle(f: Callable[[], Any]) -> None:
+    """Run `f` untimed for at least SETTLE seconds (at least once)."""
+    t0 = time.perf_counter()
+    f()
+    while time.perf_counter() - t0 < SETTLE:
+        f()
+
+
 def time_op(case: Case, op: str, impls: list[str], rounds: int, target: float) -> dict[str, dict[str, Any]]:
-    """Interleaved timing: every round measures each implementation once (rotating order)."""
+    """Interleaved timing: every round measures each implementation once (rotating order).
+
+    Each timed measurement follows an untimed settling run of the same
+    implementation (:data:`SETTLE`), so that no implementation is timed while
+    the previous one's threads are still busy.
+    """
     fns = {i: case.fn(op, i) for i in impls}
     fns = {i: f for i, f in fns.items() if f is not None}
     reps = {i: _calibrate(f, target) for i, f in fns.items()}
@@ -171,6 +193,7 @@ def time_op(case: Case, op: str, impls: list[str], rounds: int, target: float) -
         order = names[r % len(names) :] + names[: r % len(names)]
         for i in order:
             f, n = fns[i], reps[i]
+            _settle(f)
             t0 = time.perf_counter()
             for _ in range(n):
                 f()

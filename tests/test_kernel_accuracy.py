@@ -163,6 +163,51 @@ def test_moments_do_not_depend_on_thread_count():
     np.testing.assert_array_equal(one.m2, two.m2)
 
 
+# One shape per path of _whole_sums (the unshifted sums of contiguous input).
+WHOLE_SUM_SHAPES = {
+    "rows": (6, 5, 3000),  # B >= ROW_DOT_MIN: row dot products
+    "split-rows": (3, 2, 4 * 4096),  # rows longer than ROW_DOT_MAX, cut
+    "groups": (1000, 9, 30),  # short rows, more groups of SUM_GROUP rows than threads
+    "group-columns": (300, 40, 20),  # short rows, fewer groups than threads: split by columns
+    "narrow": (5000, 3, 7),  # K * B < NARROW_ROW: column sums
+}
+
+
+@pytest.mark.parametrize("path", WHOLE_SUM_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_whole_sums_match_float64_and_ignore_thread_count(path, dtype):
+    """Every path of the whole-array sums: accurate, and bit-identical for 1, 2 and 3 threads."""
+    shape3 = WHOLE_SUM_SHAPES[path]
+    x3 = _data(shape3, dtype, 0.5)
+    g3 = _data(shape3, dtype, 0.0, seed=1)
+    old, old_min = M.num_threads(), M.PARALLEL_MIN_ELEMENTS
+    M.PARALLEL_MIN_ELEMENTS = 0  # thread even the small test arrays
+    try:
+        results = []
+        for n in (1, 2, 3):
+            M.set_num_threads(n)
+            got = M._whole_sums(x3, None, x3.dtype), M._whole_sums(x3, g3, x3.dtype)
+            assert got[0] is not None and got[1] is not None
+            results.append(got)
+    finally:
+        M.set_num_threads(old)
+        M.PARALLEL_MIN_ELEMENTS = old_min
+    for other in results[1:]:
+        for (a1, a2), (b1, b2) in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a1, b1)
+            np.testing.assert_array_equal(a2, b2)
+    xf, gf = x3.astype(np.float64), g3.astype(np.float64)
+    (s1, s2), (t1, t2) = results[0]
+    # Partial sums in the compute dtype (at most SUM_GROUP rows or ROW_DOT_MAX values deep).
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(s1, xf.sum(axis=(0, 2)), rtol=rtol)
+    np.testing.assert_allclose(s2, (xf * xf).sum(axis=(0, 2)), rtol=rtol)
+    # Sums of signed terms: relative to the sum of magnitudes.
+    for got, terms in ((t1, gf), (t2, gf * xf)):
+        err = np.abs(got - terms.sum(axis=(0, 2))) / np.abs(terms).sum(axis=(0, 2))
+        assert err.max() <= rtol, err
+
+
 @pytest.mark.parametrize("shape3", SHAPES3, ids=str)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["centered", "offset"])
@@ -398,31 +443,70 @@ def test_accumulate_rejects_unknown_values():
         M.backward_sums(x3, x3, np.zeros(2), accumulate="x")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# One shape per tiling form of the elementwise passes (see _moments._elementwise).
+FORM_SHAPES = {
+    "scalar": (6, 5, 3 * 1024),  # rows >= SCALAR_ROW_MIN: one channel at a time
+    "scalar-split-rows": (2, 3, (1 << 17) + 5),  # a row longer than a tile
+    "rows": (300, 7, 33),  # planes over whole rows of A, with a remainder
+    "runs": (5, 300, 500),  # rows of K * B > PASS_TILE: planes per channel run
+    "columns": (400, 9, 50),  # non-contiguous arrays (made so below)
+    "columns-small": (4, 9, 50),  # small arrays
+}
+
+
+@pytest.mark.parametrize("form", FORM_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_backward_pass_matmul_form_on_long_rows(dtype, n_threads):
-    """Long rows of a large array take the matmul form: same values as the formula."""
+def test_elementwise_passes_every_tiling_form(form, dtype, n_threads):
+    """affine_pass and backward_pass agree with the float64 formulas in every tiling form.
+
+    Random coefficients, a zero in ``a`` (the unfactored backward), a center
+    (offset data), and the in-place contracts (out over x, out over g).
+    """
     old = M.num_threads()
     M.set_num_threads(n_threads)
     try:
-        rng = np.random.default_rng(12)
-        shape3 = (32, 64, 3136)
-        x3 = rng.standard_normal(shape3).astype(dtype)
+        rng = np.random.default_rng(hash(form) % 2**32)
+        shape3 = FORM_SHAPES[form]
+        k = shape3[1]
+        x3 = (rng.standard_normal(shape3) + 3.0).astype(dtype)
         g3 = rng.standard_normal(shape3).astype(dtype)
-        a, b, c = rng.uniform(0.5, 2, 64), rng.uniform(-1, 1, 64), rng.uniform(-1, 1, 64)
-        tiles = M._tiles(shape3)
-        out3 = np.empty_like(x3)
-        assert M._matmul_backward(g3, x3, a, b, c, out3, tiles, np.dtype(dtype))
-        expect = np.empty_like(x3)
-        M.backward_pass(g3, x3, a, b, c, expect, center=np.zeros(64))  # the elementwise form
+        if form == "columns":
+            x3 = np.asfortranarray(x3)
+            g3 = np.asfortranarray(g3)
+        layout = M._pass_layout(shape3, x3.flags.c_contiguous, 3, M.PASS_TILE)[0]
+        assert layout == form.split("-")[0]
+        xf, gf = x3.astype(np.float64), g3.astype(np.float64)
+        s, t, ctr = rng.uniform(0.5, 2, k), rng.uniform(-1, 1, k), rng.uniform(2, 4, k)
+        a, b, c = rng.uniform(0.5, 2, k), rng.uniform(-1, 1, k), rng.uniform(-1, 1, k)
         col = (None, slice(None), None)
-        ref = g3 * a[col] + x3 * b[col] + c[col]
-        tol = 1e-5 if dtype == np.float32 else 1e-13
-        np.testing.assert_allclose(out3, ref, rtol=tol, atol=tol)
-        np.testing.assert_allclose(out3, expect, rtol=tol, atol=tol)
-        # Over its own gradient input.
-        g_copy = g3.copy()
-        M.backward_pass(g_copy, x3, a, b, c, g_copy)
-        np.testing.assert_array_equal(g_copy, out3)
+        tol = {np.float16: 4e-3, np.float32: 3e-6, np.float64: 1e-13}[dtype]
+
+        def check(got, want, scale_):
+            np.testing.assert_allclose(got.astype(np.float64), want, rtol=tol, atol=tol * scale_)
+
+        out3 = np.empty_like(x3)
+        M.affine_pass(x3, s, t, out3)
+        check(out3, xf * s[col] + t[col], 10)
+        M.affine_pass(x3, s, t, out3, center=ctr)
+        check(out3, (xf - ctr[col]) * s[col] + t[col], 10)
+        inplace = x3.copy(order="K")
+        M.affine_pass(inplace, s, t, inplace, center=ctr)
+        np.testing.assert_array_equal(inplace, out3)
+
+        ref = gf * a[col] + xf * b[col] + c[col]
+        M.backward_pass(g3, x3, a, b, c, out3)
+        check(out3, ref, 10)
+        M.backward_pass(g3, x3, a, b, c, out3, center=ctr)
+        check(out3, ref, 10)
+        over_g = g3.copy(order="K")
+        M.backward_pass(over_g, x3, a, b, c, over_g, center=ctr)
+        np.testing.assert_array_equal(over_g, out3)
+        a0 = a.copy()
+        a0[0] = 0.0  # not factorable: g * a is added from a temporary
+        M.backward_pass(g3, x3, a0, b, c, out3)
+        check(out3, gf * a0[col] + xf * b[col] + c[col], 10)
+        M.backward_pass(g3, x3, a, None, None, out3)
+        check(out3, gf * a[col], 1)
     finally:
         M.set_num_threads(old)

@@ -20,29 +20,32 @@ sum of squared deviations, all float64 -- because that triple merges exactly
 
 How the kernels are fast
 ------------------------
-The view is cut into *tiles* (whole rows of A with all channels, one row of A
-and a run of channels, or a piece of one long row) of 64 Ki values, so that
-the chained operations on one tile stay in the core's L2 cache and no
-temporary is larger than a tile.  Tiles are spread over a small pool of Python
-threads (:func:`set_num_threads`; NumPy and BLAS release the GIL); partial sums
-are combined in a fixed order, so results do not depend on the thread count.
-
-* Sums and sums of squares are BLAS dot products (``np.vecdot`` of each row
-  with a ones vector and with itself, in 1 MiB chunks of a contiguous input)
-  when the reduced axis ``B`` is long, and column reductions down groups of
-  rows when ``B`` is short (channels-last).
-* Elementwise passes copy a tile into the output and then multiply and add in
-  place by full-tile coefficient *planes* (a per-channel coefficient broadcast
-  once over a tile's shape, kept per thread): NumPy's contiguous in-place loops
-  run two to three times faster than its broadcasting or streaming ones.
-* The backward pass over long rows is one small matrix product per row,
-  ``[a, b, c] @ [g_row; x_row; 1]`` (``np.matmul`` on a per-thread scratch).
+* Sums and sums of squares (or of ``g`` and ``g * x``) are two large calls
+  per thread when the input is C-contiguous in the compute dtype: for long
+  rows (``B >= 128``) ``np.vecdot`` of every row with a ones vector and with
+  ``x`` (BLAS dot products, single-threaded); for short rows ``np.add.reduce``
+  and an einsum down groups of 256 rows of the ``(A, K * B)`` matrix.  Other
+  inputs (other dtypes, shifted sums) go tile by tile.
+* The elementwise passes (:func:`affine_pass`, :func:`backward_pass`) are
+  short programs -- ``tile = x * scale; tile += shift`` -- run tile by tile
+  (512 KiB of float32, so the chained operations work on data in the core's
+  L2 cache).  The first operation reads the input and writes the output tile;
+  the rest work in place.  The coefficients are NumPy scalars where rows are
+  long (one channel per tile: NumPy's fastest loops), else *planes* -- the
+  per-channel coefficients broadcast over a whole row of the view, or over a
+  run of channels -- because NumPy's loops over contiguous operands run two to
+  three times faster than its broadcasting ones.  See :func:`_elementwise`.
+* Tiles are spread over a small pool of Python threads
+  (:func:`set_num_threads`; NumPy releases the GIL in its loops), in
+  contiguous groups; nothing combines partial results across threads, so the
+  results do not depend on the thread count.
 
 Numerical choices
 -----------------
 * Per-channel vectors (mean, variance, 1/sqrt(var + eps), coefficients) and
   every sum across rows, chunks and tiles are float64 whatever the input
-  dtype.  Within a row (at most 8192 values, or groups of 32 rows) the sums
+  dtype.  Within a row (at most 4096 values) or a group of rows (32 rows
+  tile by tile, 256 in the whole-array sums of short rows) the sums
   accumulate in float64 by default (``accumulate="float64"``: float32 tiles
   are converted first; moments to float64 rounding) or in the compute dtype
   (``accumulate="compute"``, batch norm's choice: two to three times faster,
@@ -64,6 +67,7 @@ Numerical choices
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -196,7 +200,7 @@ def _map(fn: Callable[[Any], _T], items: Sequence[Any], size: int) -> list[_T]:
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix="bnorm")
-    bounds = np.linspace(0, len(items), n + 1).astype(int)
+    bounds = [len(items) * j // n for j in range(n + 1)]
     groups = [items[bounds[j] : bounds[j + 1]] for j in range(n)]
 
     def run(group: Sequence[Any]) -> list[_T]:
@@ -264,8 +268,8 @@ def channel_view(x: np.ndarray, axis: int) -> np.ndarray:
     A view for C-contiguous input; other layouts are copied once by ``reshape``.
     """
     shape = x.shape
-    a = int(np.prod(shape[:axis], dtype=np.int64))
-    b = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+    a = math.prod(shape[:axis])
+    b = math.prod(shape[axis + 1 :])
     return x.reshape(a, shape[axis], b)
 
 
@@ -341,8 +345,9 @@ def _tile(x3: np.ndarray, t: Tile, ct: np.dtype[Any]) -> np.ndarray:
 
 
 #: Row dot products longer than this are split (when the row length allows):
-#: it bounds the depth of float32 accumulation and keeps BLAS single-threaded.
-ROW_DOT_MAX = 8192
+#: it bounds the depth of float32 accumulation, keeps BLAS single-threaded, and
+#: rows of 4096 float32 values summed twice measured twice as fast as rows of 8192.
+ROW_DOT_MAX = 4096
 
 
 def _row_length(b: int) -> int:
@@ -504,50 +509,103 @@ def _reduce(
     return s1, s2
 
 
-#: Values per chunk of the unshifted sums: the second BLAS pass over a chunk
-#: reads it from cache.
-SUM_CHUNK = 1 << 18
+#: Rows of A summed in the compute dtype before the float64 sum (short rows).
+SUM_GROUP = 256
+
+#: Rows of A narrower than this (``K * B`` values) take the column sums of
+#: :func:`_column_sums` (rows joined first), wider ones the grouped sums.
+NARROW_ROW = 64
 
 
 def _whole_sums(
     x3: np.ndarray, y3: np.ndarray | None, ct: np.dtype[Any]
 ) -> tuple[FloatArray, FloatArray] | None:
-    """The unshifted sums of :func:`_reduce` in large chunks of the contiguous array.
+    """The unshifted sums of :func:`_reduce` over the whole contiguous array at once.
 
-    For C-contiguous input already in the compute dtype: with no elementwise
-    work chained, a few NumPy calls per 1 MiB chunk beat a loop over small
-    tiles.  Long rows: one ``np.vecdot`` per row, each row's result stored in a
-    preallocated vector and summed once in float64 (chunks of rows go to the
-    threads; the results do not depend on the thread count).  Short rows: the
-    column sums of :func:`_column_sums` over the whole ``(A, K * B)`` matrix,
-    in the calling thread.  None where the input does not qualify.
+    For C-contiguous input already in the compute dtype, where no elementwise
+    work has to be chained, a few large calls beat any loop over tiles: the
+    array is cut into one contiguous part per thread, and each thread makes
+    two calls on its part.
+
+    * long rows (``B >= ROW_DOT_MIN``): ``np.vecdot`` of each row (at most
+      4096 values) with a ones vector and with ``x``;
+    * short rows, ``K * B >= NARROW_ROW``: the ``(A, K * B)`` matrix in groups of
+      SUM_GROUP rows, summed down each group's columns (``np.add.reduce`` and
+      an einsum);
+    * narrow rows: the column sums of :func:`_column_sums`.
+
+    Partial sums (per row, per group) are in the compute dtype; everything
+    across them is summed in float64, in the same order whatever the thread
+    count.  No BLAS matrix product is used: OpenBLAS's worker threads spin for
+    ~0.1 s after each threaded call and would take a core from the elementwise
+    pass that follows.  None where the input does not qualify.
     """
     arrays = [x3] if y3 is None else [x3, y3]
     if any(not a.flags.c_contiguous or a.dtype != ct for a in arrays):
         return None
     a, k, b = x3.shape
-    if b < ROW_DOT_MIN:
+    g3 = x3 if y3 is None else y3
+    threads = max(1, min(_num_threads, 8))
+    if b >= ROW_DOT_MIN:
+        length = _row_length(b)
+        x2 = x3.reshape(-1, length)
+        g2 = g3.reshape(-1, length)
+        rows = x2.shape[0]
+        r1 = np.empty(rows, dtype=ct)
+        r2 = np.empty(rows, dtype=ct)
+        ones = _ones(length, ct)
+        # One contiguous run of rows per thread, two calls each: on this kind of
+        # machine every extra call costs a GIL hand-over, which outweighs reading a
+        # chunk from cache a second time.
+        parts = [slice(rows * j // threads, rows * (j + 1) // threads) for j in range(threads)]
+
+        def rows_work(sl: slice) -> None:
+            np.vecdot(g2[sl], ones, out=r1[sl])
+            np.vecdot(g2[sl], x2[sl], out=r2[sl])
+
+        _map(rows_work, parts, x3.size)
+        return (
+            r1.reshape(a, k, -1).sum(axis=(0, 2), dtype=np.float64),
+            r2.reshape(a, k, -1).sum(axis=(0, 2), dtype=np.float64),
+        )
+    n = k * b
+    if n < NARROW_ROW:
         # The whole array as one tile: sum(g) (or sum(x)) and sum(g * x) (or sum(x**2)).
         return _tile_sums(x3, None) if y3 is None else _tile_sums(y3, x3)
-    length = _row_length(b)
-    x2 = x3.reshape(-1, length)
-    g2 = x2 if y3 is None else y3.reshape(-1, length)
-    rows = x2.shape[0]
-    r1 = np.empty(rows, dtype=ct)
-    r2 = np.empty(rows, dtype=ct)
-    ones = _ones(length, ct)
-    step = max(1, SUM_CHUNK // length)
-    chunks = [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+    x2 = x3.reshape(a, n)
+    g2 = g3.reshape(a, n)
+    q = min(a, SUM_GROUP)
+    ng = -(-a // q)
+    # One row of partial sums per group (1/256 of the array), summed in float64 at the end.
+    part1 = np.empty((ng, n), dtype=ct)
+    part2 = np.empty((ng, n), dtype=ct)
+    full = a // q
+    # Each thread takes a run of groups, or (fewer groups than threads) a run of columns.
+    if ng >= threads:
+        blocks = [(ng * j // threads, ng * (j + 1) // threads, 0, n) for j in range(threads)]
+    else:
+        blocks = [(0, ng, n * j // threads, n * (j + 1) // threads) for j in range(threads)]
 
-    def work(sl: slice) -> None:
-        np.vecdot(g2[sl], ones, out=r1[sl])
-        np.vecdot(g2[sl], x2[sl], out=r2[sl])
+    def group_work(part: tuple[int, int, int, int]) -> None:
+        i0, i1, c0, c1 = part
+        if i0 >= i1 or c0 >= c1:
+            return
+        w1 = min(i1, full)
+        if i0 < w1:
+            gg = g2[i0 * q : w1 * q, c0:c1].reshape(-1, q, c1 - c0)
+            xg = x2[i0 * q : w1 * q, c0:c1].reshape(-1, q, c1 - c0)
+            np.add.reduce(gg, axis=1, out=part1[i0:w1, c0:c1])
+            np.einsum("gij,gij->gj", gg, xg, out=part2[i0:w1, c0:c1])
+        if w1 < i1:  # the last, shorter group
+            np.add.reduce(g2[w1 * q :, c0:c1], axis=0, out=part1[w1, c0:c1])
+            np.einsum("ij,ij->j", g2[w1 * q :, c0:c1], x2[w1 * q :, c0:c1], out=part2[w1, c0:c1])
 
-    _map(work, chunks, x3.size)
-    return (
-        r1.reshape(a, k, -1).sum(axis=(0, 2), dtype=np.float64),
-        r2.reshape(a, k, -1).sum(axis=(0, 2), dtype=np.float64),
-    )
+    _map(group_work, blocks, x3.size)
+    s1 = part1.sum(axis=0, dtype=np.float64)
+    s2 = part2.sum(axis=0, dtype=np.float64)
+    if b > 1:
+        return s1.reshape(k, b).sum(axis=1), s2.reshape(k, b).sum(axis=1)
+    return s1, s2
 
 
 def _needs_shift(mean: np.ndarray, var: np.ndarray) -> bool:
@@ -592,7 +650,7 @@ def channel_moments(x3: np.ndarray, *, accumulate: Accumulate = "float64") -> Mo
     every channel), else a second pass shifted by the first pass's mean; the
     exact float64 two-pass evaluation where the sums are not finite.
 
-    `accumulate` says what the BLAS sums within a row (at most 8192 values, or
+    `accumulate` says what the BLAS sums within a row (at most 4096 values, or
     32 rows) accumulate in: 'float64' (default; float32 and float16 tiles are
     converted first) gives the moments to float64 rounding; 'compute' sums
     float32 data in float32 -- two to three times faster, with relative errors
@@ -674,60 +732,22 @@ def _exact_backward_sums(g3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> tu
 # --------------------------------------------------------------------------- elementwise passes
 
 
-class _Coef:
-    """Per-channel coefficient vectors in the compute dtype, as columns or as tile planes.
+#: Rows (the reduced axis B) at least this long take the *scalar* form of the
+#: elementwise passes: one channel at a time, its coefficients as NumPy scalars
+#: (NumPy's fastest loops).  Shorter rows take the *plane* form.
+SCALAR_ROW_MIN = 2048
 
-    A plane is the coefficient broadcast over a whole tile ``(r, kc, B)``.
-    NumPy's contiguous loops beat its broadcasting ones two- to threefold, so
-    planes pay off once a plane serves many tiles (many rows of A).  Each
-    thread keeps the planes of the one channel run it is working on: at most
-    one tile per coefficient and thread of extra memory.
-    """
+#: Values per tile of the elementwise passes (512 KiB of float32): a tile, the
+#: input tiles it reads and its planes stay in a core's L2 cache together.
+PASS_TILE = 1 << 17
 
-    def __init__(
-        self,
-        x3shape: tuple[int, int, int],
-        tiles: list[Tile],
-        vecs: Sequence[np.ndarray],
-        ct: np.dtype[Any],
-    ) -> None:
-        self.cols = [_col(v.astype(ct)) for v in vecs]
-        self.ct = ct
-        self.r = (tiles[0][0].stop - tiles[0][0].start) if tiles else 1
-        # Planes when each serves >= 8 tiles and every thread's planes together
-        # stay within 1/16 of the array (the memory bound of the kernels).
-        tile_elems = (
-            self.r * (tiles[0][1].stop - tiles[0][1].start) * (tiles[0][2].stop - tiles[0][2].start)
-            if tiles
-            else 0
-        )
-        size = x3shape[0] * x3shape[1] * x3shape[2]
-        self.use_planes = (
-            bool(tiles) and x3shape[0] >= 8 * self.r and 16 * _num_threads * len(vecs) * tile_elems <= size
-        )
-        self.local = threading.local()
+#: Values per coefficient plane in the whole-rows plane form (the plane is
+#: broadcast over the outer axis of the tile).
+PLANE_ELEMENTS = 1 << 14
 
-    def get(self, t: Tile) -> list[np.ndarray]:
-        rows, chans, cols = t
-        if not self.use_planes:
-            return [c[:, chans] for c in self.cols]
-        key = (chans.start, chans.stop, cols.stop - cols.start)
-        cache = self.local.__dict__
-        if cache.get("key") != key:
-            cache["key"] = None  # drop the old planes before building new ones
-            cache["planes"] = None
-            planes = []
-            for col in self.cols:
-                p = np.empty((self.r, chans.stop - chans.start, cols.stop - cols.start), dtype=self.ct)
-                np.copyto(p, col[:, chans])
-                planes.append(p)
-            cache["key"], cache["planes"] = key, planes
-        r = rows.stop - rows.start
-        return [p[:r] for p in cache["planes"]]
-
-
-def _run_tiles(shape3: tuple[int, int, int], fn: Callable[[Tile], None], tiles: list[Tile]) -> None:
-    _map(fn, tiles, shape3[0] * shape3[1] * shape3[2])
+#: Planes and tile temporaries may always take this many values, whatever the
+#: array's size (their bounds as fractions of the array matter for large arrays only).
+SMALL_BUDGET = 1 << 14
 
 
 def _independent(x3: np.ndarray, out3: np.ndarray) -> np.ndarray:
@@ -740,6 +760,196 @@ def _independent(x3: np.ndarray, out3: np.ndarray) -> np.ndarray:
         and x3.dtype == out3.dtype
     )
     return x3 if same else x3.copy()
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One operation of an elementwise program: ``tile = ufunc(tile, operand)``.
+
+    The first step of a program reads the source input's tile instead of the
+    tile.  `operand` names a per-channel coefficient or an input array; with
+    `scaled_by` (a coefficient) the operand is ``input * coefficient`` (one
+    tile-sized temporary).
+    """
+
+    ufunc: np.ufunc
+    operand: str
+    scaled_by: str | None = None
+
+
+def _pass_layout(
+    shape3: tuple[int, int, int], contiguous: bool, n_coefs: int, tile_max: int
+) -> tuple[str, int, int]:
+    """How :func:`_elementwise` tiles an ``(A, K, B)`` array: ``(form, tile, extent)``.
+
+    `form` is 'scalar', 'rows', 'runs' or 'columns'; `tile` the values per
+    tile; `extent` the plane rows ('rows') or channels per run ('runs').
+    """
+    a, k, b = shape3
+    size = a * k * b
+    if size <= SMALL_BUDGET:
+        return "columns", tile_max, 0  # small: no planes to build
+    if b >= SCALAR_ROW_MIN:
+        return "scalar", tile_max, 0
+    # Every thread's planes together within 1/8 of the array (or a few small ones).
+    budget = max(SMALL_BUDGET, size // (8 * max(1, _num_threads) * max(1, n_coefs)))
+    row = k * b
+    if contiguous and row <= min(tile_max, budget):
+        p = max(1, min(a, PLANE_ELEMENTS // row, budget // row))
+        return "rows", max(p, (tile_max // row) // p * p) * row, p
+    kc = min(k, max(1, tile_max // b), max(1, budget // b))
+    if contiguous and kc * b <= budget:
+        kc = -(-k // -(-k // kc))  # runs of equal length
+        return "runs", kc * b, kc
+    return "columns", tile_max, 0
+
+
+def _elementwise(
+    out3: np.ndarray,
+    source: str,
+    steps: Sequence[_Step],
+    arrays: dict[str, np.ndarray],
+    coefs: dict[str, np.ndarray],
+) -> None:
+    """Run ``tile = arrays[source]; for step: tile = step.ufunc(tile, operand)`` into `out3`.
+
+    All arrays are ``(A, K, B)`` views of one shape; `coefs` are float64 vectors
+    of length K (converted to the compute dtype here).  The first step reads the
+    source tile and writes the output tile; the later ones work in place, on
+    data in cache (with planes the tile is copied in first, and every operation
+    works in place).  The tiling (:func:`_pass_layout`) depends on the shape:
+
+    * 'scalar' (``B >= SCALAR_ROW_MIN``): tiles of a few rows of one channel,
+      ``x3[r0:r1, k, b0:b1]``; coefficients are NumPy scalars, for which NumPy
+      runs its fastest loops.
+    * 'rows' (``K * B`` within a tile, C-contiguous arrays): tiles of whole
+      rows of A, flattened to ``(m, p * K * B)``; each coefficient is a *plane*
+      of ``p`` rows (the coefficient broadcast over a row) broadcast over the
+      first axis, so NumPy runs long contiguous loops.
+    * 'runs' (longer rows, C-contiguous arrays): tiles ``x3[i, k0:k1, :]`` and
+      planes of the run's shape, kept per thread and reused down the rows of A
+      (tiles are ordered run by run).
+    * 'columns' (small or non-contiguous arrays): tiles of :func:`_tiles`, the
+      coefficients broadcast as columns.
+
+    Extra memory: per thread, the planes (at most 1/8 of the array over all
+    threads) and, where the output cannot be worked in directly (another
+    dtype, or an input read after the first write shares its memory), one or
+    two tiles (at most 1/16 of the array over all threads).
+    """
+    ct = _compute_dtype(out3.dtype)
+    a, k, b = out3.shape
+    size = a * k * b
+    if size == 0:
+        return
+    arrays = {name: _independent(arr, out3) for name, arr in arrays.items()}
+    later = {s.operand for s in steps} & arrays.keys()
+    direct = out3.dtype == ct and not any(np.may_share_memory(arrays[n], out3) for n in later)
+    temps = (0 if direct else 1) + sum(1 for s in steps if s.scaled_by is not None)
+    tile_max = PASS_TILE
+    if temps:
+        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * max(1, _num_threads) * temps)))
+    contiguous = out3.flags.c_contiguous and all(arr.flags.c_contiguous for arr in arrays.values())
+    form, tile, extent = _pass_layout(out3.shape, contiguous, len(coefs), tile_max)
+    # The first operation streams the input from memory.  With scalar operands an
+    # out-of-place operation does that best; with planes, a copy (memcpy) followed
+    # by in-place work on the cached tile is faster (measured: see docs/performance.md).
+    copy_first = form != "scalar"
+    local = threading.local()
+
+    def scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        n = math.prod(shape)
+        buf = getattr(local, name, None)
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, tile), dtype=ct)
+            setattr(local, name, buf)
+        return buf[:n].reshape(shape)
+
+    def run(dst: np.ndarray, view: Callable[[np.ndarray], np.ndarray], coef: Callable[[str], Any]) -> None:
+        work = dst if direct else scratch("work", dst.shape)
+        left = view(arrays[source])
+        if copy_first:
+            np.copyto(work, left, casting="unsafe")
+            left = work
+        for s in steps:
+            rhs = view(arrays[s.operand]) if s.operand in arrays else coef(s.operand)
+            if s.scaled_by is not None:
+                rhs = np.multiply(rhs, coef(s.scaled_by), out=scratch("scaled", dst.shape))
+            s.ufunc(left, rhs, out=work)
+            left = work
+        if work is not dst:
+            np.copyto(dst, work, casting="unsafe")
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        vecs = {name: np.asarray(v, dtype=np.float64).astype(ct) for name, v in coefs.items()}
+    fn: Callable[[Any], None]
+    items: list[Any]
+    if form == "scalar":
+        scalars = {name: [ct.type(x) for x in v] for name, v in vecs.items()}
+        rows = max(1, min(a, tile // b))
+        cols = min(b, tile)
+        items = [(kk, r, c) for kk in range(k) for r in range(0, a, rows) for c in range(0, b, cols)]
+
+        def fn(item: tuple[int, int, int]) -> None:
+            kk, r, c = item
+            idx = (slice(r, r + rows), kk, slice(c, c + cols))
+            run(out3[idx], lambda arr: arr[idx], lambda name: scalars[name][kk])
+
+    elif form == "rows":
+        row, p = k * b, extent
+        planes = {
+            name: np.ascontiguousarray(np.broadcast_to(v[None, :, None], (p, k, b))).reshape(p * row)
+            for name, v in vecs.items()
+        }
+        whole = a - a % p
+        items = [(r, min(r + tile // row, whole), p) for r in range(0, whole, tile // row)]
+        if whole < a:
+            items.append((whole, a, a - whole))
+
+        def fn(item: tuple[int, int, int]) -> None:
+            r0, r1, q = item
+            shape = ((r1 - r0) // q, q * row)
+            run(
+                out3[r0:r1].reshape(shape),
+                lambda arr: arr[r0:r1].reshape(shape),
+                lambda name: planes[name][: q * row],
+            )
+
+    elif form == "runs":
+        kc = extent
+        items = [(k0, i) for k0 in range(0, k, kc) for i in range(a)]
+
+        def run_planes(k0: int) -> dict[str, np.ndarray]:
+            cache = local.__dict__
+            if cache.get("run") != k0:
+                cache["run"] = cache["planes"] = None  # drop the old planes first
+                k1 = min(k, k0 + kc)
+                cache["planes"] = {
+                    name: np.ascontiguousarray(np.broadcast_to(v[k0:k1, None], (k1 - k0, b)))
+                    for name, v in vecs.items()
+                }
+                cache["run"] = k0
+            planes_k: dict[str, np.ndarray] = cache["planes"]
+            return planes_k
+
+        def fn(item: tuple[int, int]) -> None:
+            k0, i = item
+            idx = (i, slice(k0, k0 + kc))
+            pl = run_planes(k0)
+            run(out3[idx], lambda arr: arr[idx], lambda name: pl[name])
+
+    else:
+        cols_v = {name: _col(v) for name, v in vecs.items()}
+        items = _tiles(out3.shape, min(tile, TILE_ELEMENTS))
+
+        def fn(t: Tile) -> None:
+            run(out3[t], lambda arr: arr[t], lambda name: cols_v[name][:, t[1]])
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        _map(fn, items, size)
+
+
+_MUL = _Step(np.multiply, "scale")
 
 
 def affine_pass(
@@ -768,7 +978,8 @@ def affine_pass(
     ct = _compute_dtype(out3.dtype)
     scale = np.asarray(scale, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
-    c_ct: np.ndarray | None = None
+    coefs = {"scale": scale, "shift": shift}
+    steps = [_MUL, _Step(np.add, "shift")]
     if center is not None:
         center = np.asarray(center, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -778,97 +989,15 @@ def affine_pass(
                 and bool(np.isfinite(center * scale).all())
             )
             if fold or not np.isfinite(center).all():
-                shift = shift - center * scale
+                coefs["shift"] = shift - center * scale
             else:
                 c_ct = center.astype(ct)
                 # (x - c) * s + t' with t' = t + (c - center) * s: exact up to rounding of t'.
                 delta = c_ct.astype(np.float64) - center
-                shift = shift + np.where(delta != 0, delta * scale, 0.0)
-    x3 = _independent(x3, out3)
-    in_place = np.may_share_memory(x3, out3)  # element for element, after _independent
-    tiles = _tiles(x3.shape)
-    vecs = [scale, shift] if c_ct is None else [scale, shift, c_ct.astype(np.float64)]
-    coef = _Coef(x3.shape, tiles, vecs, ct)
-
-    def work(t: Tile) -> None:
-        # Copy the tile in, then operate in place: NumPy's in-place loops on
-        # cached data beat an out-of-place pass that streams from memory.
-        ps = coef.get(t)
-        dst = out3[t]
-        tmp = dst if dst.dtype == ct else np.empty(dst.shape, dtype=ct)
-        if not (in_place and tmp is dst):
-            np.copyto(tmp, x3[t], casting="unsafe")
-        if c_ct is not None:
-            tmp -= ps[2]
-        tmp *= ps[0]
-        tmp += ps[1]
-        if tmp is not dst:
-            dst[...] = tmp
-
-    with np.errstate(invalid="ignore", over="ignore"):
-        _run_tiles(x3.shape, work, tiles)
-
-
-#: Rows at least this long take the matmul form of the backward pass.
-MATMUL_ROW_MIN = 2048
-
-
-def _matmul_backward(
-    g3: np.ndarray,
-    x3: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    c: np.ndarray,
-    out3: np.ndarray,
-    tiles: list[Tile],
-    ct: np.dtype[Any],
-) -> bool:
-    """``out = a * g + b * x + c`` as one small matrix product per row of a tile.
-
-    Each row's ``g`` and ``x`` are copied into a per-thread scratch ``S`` of
-    shape ``(rows, 3, B)`` whose third row is ones, and ``out_row = [a, b, c]
-    @ S_row`` (``np.matmul`` over the stack): two copies and one BLAS pass
-    instead of a copy and four elementwise passes.  Used for long contiguous
-    rows in the compute dtype when the scratch fits the memory budget (1/16 of
-    the array); returns False (nothing done) otherwise.
-    """
-    n_all = g3.size
-    bb = g3.shape[2]
-    arrays = (g3, x3, out3)
-    if (
-        bb < MATMUL_ROW_MIN
-        or not tiles
-        or any(arr.dtype != ct or not arr.flags.c_contiguous for arr in arrays)
-    ):
-        return False
-    if any(t[2].stop - t[2].start != bb for t in tiles):
-        return False
-    x3 = _independent(x3, out3)
-    g3 = _independent(g3, out3)
-    rows_max = max((t[0].stop - t[0].start) * (t[1].stop - t[1].start) for t in tiles)
-    if 16 * _num_threads * 3 * rows_max * bb > n_all:
-        return False
-    coef = np.stack([a, b, c], axis=1).astype(ct)[:, None, :]  # (K, 1, 3)
-    local = threading.local()
-
-    def work(t: Tile) -> None:
-        rows, chans, _ = t
-        r = rows.stop - rows.start
-        n = r * (chans.stop - chans.start)
-        scratch = getattr(local, "s", None)
-        if scratch is None:
-            scratch = np.empty((rows_max, 3, bb), dtype=ct)
-            scratch[:, 2, :] = 1
-            local.s = scratch
-        s = scratch[:n]
-        np.copyto(s[:, 0, :], g3[t].reshape(n, bb))
-        np.copyto(s[:, 1, :], x3[t].reshape(n, bb))
-        cm = coef[chans] if r == 1 else np.tile(coef[chans], (r, 1, 1))
-        np.matmul(cm, s, out=out3[t].reshape(n, 1, bb))
-
-    with np.errstate(invalid="ignore", over="ignore"):
-        _run_tiles(g3.shape, work, tiles)
-    return True
+                coefs["shift"] = shift + np.where(delta != 0, delta * scale, 0.0)
+                coefs["center"] = c_ct.astype(np.float64)
+                steps = [_Step(np.subtract, "center"), _MUL, _Step(np.add, "shift")]
+    _elementwise(out3, "x", steps, {"x": x3}, coefs)
 
 
 def backward_pass(
@@ -885,66 +1014,34 @@ def backward_pass(
 
     Every batch-norm input gradient has this form once the per-channel
     reductions are known; the coefficients are float64 vectors.  Where `a` has
-    no zero it is evaluated as ``a * (g + x * (b / a) + c / a)`` -- one
-    temporary fewer.  With `center` (length K, e.g. the mean), ``x`` is shifted
-    by `center` in the compute dtype first: ``(x - center) * b`` does not round
-    at ``eps * |x * b|`` for offset data.
+    no zero it is evaluated as ``a * (x * (b / a) + c / a + g)`` -- four
+    elementwise operations, two of them by scalars, and no temporary.  With
+    `center` (length K, e.g. the mean), ``x`` is shifted by `center` in the
+    compute dtype first: ``(x - center) * b`` does not round at
+    ``eps * |x * b|`` for offset data.
     """
     ct = _compute_dtype(out3.dtype)
     a = np.asarray(a, dtype=np.float64)
-    tiles = _tiles(g3.shape)
     if b is None or c is None:
-        coef = _Coef(g3.shape, tiles, [a], ct)
-
-        def scale_only(t: Tile) -> None:
-            dst = out3[t]
-            p = coef.get(t)[0]
-            if dst.dtype == ct:
-                np.copyto(dst, g3[t], casting="unsafe")
-                dst *= p
-            else:
-                dst[...] = np.multiply(g3[t], p, dtype=ct)
-
-        with np.errstate(invalid="ignore", over="ignore"):
-            _run_tiles(g3.shape, scale_only, tiles)
+        _elementwise(out3, "g", [_Step(np.multiply, "a")], {"g": g3}, {"a": a})
         return
     b = np.asarray(b, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
-    if center is None and _matmul_backward(g3, x3, a, b, c, out3, tiles, ct):
-        return
-    c_ct: np.ndarray | None = None
+    steps = [_Step(np.multiply, "b"), _Step(np.add, "c")]
+    coefs = {"a": a}
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if center is not None and np.isfinite(center).all():
             c_ct = np.asarray(center, dtype=np.float64).astype(ct)
             c = c + b * c_ct.astype(np.float64)  # x * b + c == (x - c_ct) * b + (c + b * c_ct)
+            coefs["center"] = c_ct.astype(np.float64)
+            steps.insert(0, _Step(np.subtract, "center"))
         b_a, c_a = b / a, c / a
         factored = bool(np.isfinite(a).all() and np.isfinite(b_a).all() and np.isfinite(c_a).all())
         factored = factored and bool(np.all(a != 0))
-        if factored:
-            b, c = b_a, c_a
-    vecs = [a, b, c] if c_ct is None else [a, b, c, c_ct.astype(np.float64)]
-    coef = _Coef(g3.shape, tiles, vecs, ct)
-    x3 = _independent(x3, out3)
-    g3 = _independent(g3, out3)
-    # g is read after the first write: writing over g (out=grad_output) needs a temporary.
-    g_in_out = np.may_share_memory(g3, out3)
-
-    def work(t: Tile) -> None:
-        ps = coef.get(t)
-        dst = out3[t]
-        tmp = dst if dst.dtype == ct and not g_in_out else np.empty(dst.shape, dtype=ct)
-        np.copyto(tmp, x3[t], casting="unsafe")
-        if c_ct is not None:
-            tmp -= ps[3]
-        tmp *= ps[1]
-        tmp += ps[2]
-        if factored:
-            np.add(tmp, g3[t], out=tmp, casting="unsafe")
-            tmp *= ps[0]
-        else:
-            tmp += np.multiply(g3[t], ps[0], dtype=ct)
-        if tmp is not dst:
-            dst[...] = tmp
-
-    with np.errstate(invalid="ignore", over="ignore"):
-        _run_tiles(g3.shape, work, tiles)
+    if factored:
+        coefs.update(b=b_a, c=c_a)
+        steps += [_Step(np.add, "g"), _Step(np.multiply, "a")]
+    else:
+        coefs.update(b=b, c=c)
+        steps.append(_Step(np.add, "g", scaled_by="a"))
+    _elementwise(out3, "x", steps, {"x": x3, "g": g3}, coefs)
