@@ -445,12 +445,14 @@ def test_accumulate_rejects_unknown_values():
 
 # One shape per tiling form of the elementwise passes (see _moments._elementwise).
 FORM_SHAPES = {
-    "scalar": (6, 5, 3 * 1024),  # rows >= SCALAR_ROW_MIN: one channel at a time
+    "scalar": (12, 5, 3 * 1024),  # rows >= SCALAR_ROW_MIN: one channel at a time
     "scalar-split-rows": (2, 3, (1 << 17) + 5),  # a row longer than a tile
     "rows": (300, 7, 33),  # planes over whole rows of A, with a remainder
-    "runs": (5, 300, 500),  # rows of K * B > PASS_TILE: planes per channel run
+    "runs": (8, 300, 500),  # rows of K * B > PASS_TILE: planes per channel run
     "columns": (400, 9, 50),  # non-contiguous arrays (made so below)
     "columns-small": (4, 9, 50),  # small arrays
+    "columns-one-row": (1, 50, 700),  # A = 1 (layer norm's view): planes would serve one tile
+    "columns-short-channels": (3, 20, 2500),  # long rows but few values per channel (instance norm)
 }
 
 

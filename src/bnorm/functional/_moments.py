@@ -44,8 +44,9 @@ Numerical choices
 -----------------
 * Per-channel vectors (mean, variance, 1/sqrt(var + eps), coefficients) and
   every sum across rows, chunks and tiles are float64 whatever the input
-  dtype.  Within a row (at most 4096 values) or a group of rows (32 rows
-  tile by tile, 256 in the whole-array sums of short rows) the sums
+  dtype.  Within a row (at most 8192 values, 4096 in the whole-array sums)
+  or a group of rows (32 rows tile by tile, 256 in the whole-array sums of
+  short rows) the sums
   accumulate in float64 by default (``accumulate="float64"``: float32 tiles
   are converted first; moments to float64 rounding) or in the compute dtype
   (``accumulate="compute"``, batch norm's choice: two to three times faster,
@@ -345,16 +346,21 @@ def _tile(x3: np.ndarray, t: Tile, ct: np.dtype[Any]) -> np.ndarray:
 
 
 #: Row dot products longer than this are split (when the row length allows):
-#: it bounds the depth of float32 accumulation, keeps BLAS single-threaded, and
-#: rows of 4096 float32 values summed twice measured twice as fast as rows of 8192.
-ROW_DOT_MAX = 4096
+#: it bounds the depth of float32 accumulation and keeps BLAS single-threaded.
+ROW_DOT_MAX = 8192
+
+#: The same bound for the whole-array sums, where rows of 4096 float32 values
+#: measured twice as fast as rows of 8192 (in the tile-by-tile sums of float32
+#: data accumulated in float64, half as fast: those keep ROW_DOT_MAX).
+WHOLE_ROW_DOT_MAX = 4096
 
 
-def _row_length(b: int) -> int:
+def _row_length(b: int, cap: int | None = None) -> int:
     """The length rows of `b` elements are cut into for the row dot products."""
-    if b <= ROW_DOT_MAX:
+    cap = ROW_DOT_MAX if cap is None else cap
+    if b <= cap:
         return b
-    for length in range(ROW_DOT_MAX, ROW_DOT_MIN - 1, -1):
+    for length in range(cap, ROW_DOT_MIN - 1, -1):
         if b % length == 0:
             return length
     return b
@@ -528,7 +534,7 @@ def _whole_sums(
     two calls on its part.
 
     * long rows (``B >= ROW_DOT_MIN``): ``np.vecdot`` of each row (at most
-      4096 values) with a ones vector and with ``x``;
+      WHOLE_ROW_DOT_MAX values) with a ones vector and with ``x``;
     * short rows, ``K * B >= NARROW_ROW``: the ``(A, K * B)`` matrix in groups of
       SUM_GROUP rows, summed down each group's columns (``np.add.reduce`` and
       an einsum);
@@ -547,7 +553,7 @@ def _whole_sums(
     g3 = x3 if y3 is None else y3
     threads = max(1, min(_num_threads, 8))
     if b >= ROW_DOT_MIN:
-        length = _row_length(b)
+        length = _row_length(b, WHOLE_ROW_DOT_MAX)
         x2 = x3.reshape(-1, length)
         g2 = g3.reshape(-1, length)
         rows = x2.shape[0]
@@ -650,7 +656,7 @@ def channel_moments(x3: np.ndarray, *, accumulate: Accumulate = "float64") -> Mo
     every channel), else a second pass shifted by the first pass's mean; the
     exact float64 two-pass evaluation where the sums are not finite.
 
-    `accumulate` says what the BLAS sums within a row (at most 4096 values, or
+    `accumulate` says what the BLAS sums within a row (at most 8192 values, or
     32 rows) accumulate in: 'float64' (default; float32 and float16 tiles are
     converted first) gives the moments to float64 rounding; 'compute' sums
     float32 data in float32 -- two to three times faster, with relative errors
@@ -737,6 +743,12 @@ def _exact_backward_sums(g3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> tu
 #: (NumPy's fastest loops).  Shorter rows take the *plane* form.
 SCALAR_ROW_MIN = 2048
 
+#: The scalar form needs this many values per channel (fewer: too many small calls).
+SCALAR_CHANNEL_MIN = 1 << 15
+
+#: The plane forms need at least this many rows of A: each plane serves that many tiles.
+PLANE_REUSE = 8
+
 #: Values per tile of the elementwise passes (512 KiB of float32): a tile, the
 #: input tiles it reads and its planes stay in a core's L2 cache together.
 PASS_TILE = 1 << 17
@@ -789,8 +801,10 @@ def _pass_layout(
     size = a * k * b
     if size <= SMALL_BUDGET:
         return "columns", tile_max, 0  # small: no planes to build
-    if b >= SCALAR_ROW_MIN:
+    if b >= SCALAR_ROW_MIN and a * b >= SCALAR_CHANNEL_MIN:
         return "scalar", tile_max, 0
+    if a < PLANE_REUSE:
+        return "columns", tile_max, 0  # a plane would serve too few tiles to pay for itself
     # Every thread's planes together within 1/8 of the array (or a few small ones).
     budget = max(SMALL_BUDGET, size // (8 * max(1, _num_threads) * max(1, n_coefs)))
     row = k * b
@@ -819,7 +833,8 @@ def _elementwise(
     data in cache (with planes the tile is copied in first, and every operation
     works in place).  The tiling (:func:`_pass_layout`) depends on the shape:
 
-    * 'scalar' (``B >= SCALAR_ROW_MIN``): tiles of a few rows of one channel,
+    * 'scalar' (``B >= SCALAR_ROW_MIN`` and at least SCALAR_CHANNEL_MIN values
+      per channel): tiles of a few rows of one channel,
       ``x3[r0:r1, k, b0:b1]``; coefficients are NumPy scalars, for which NumPy
       runs its fastest loops.
     * 'rows' (``K * B`` within a tile, C-contiguous arrays): tiles of whole
@@ -829,8 +844,9 @@ def _elementwise(
     * 'runs' (longer rows, C-contiguous arrays): tiles ``x3[i, k0:k1, :]`` and
       planes of the run's shape, kept per thread and reused down the rows of A
       (tiles are ordered run by run).
-    * 'columns' (small or non-contiguous arrays): tiles of :func:`_tiles`, the
-      coefficients broadcast as columns.
+    * 'columns' (small or non-contiguous arrays, or fewer than PLANE_REUSE
+      rows of A -- layer, group and instance norm): tiles of :func:`_tiles`,
+      the coefficients broadcast as columns.
 
     Extra memory: per thread, the planes (at most 1/8 of the array over all
     threads) and, where the output cannot be worked in directly (another
