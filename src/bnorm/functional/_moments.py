@@ -95,8 +95,9 @@ __all__ = [
 #: Target number of elements of one block's temporary (about 1 MiB in float64).
 BLOCK_ELEMENTS = 1 << 17
 
-#: Elements per tile of the fast kernels (256 KiB of float32): a tile, its
-#: output and its coefficient planes stay in a core's L2 cache together.
+#: Elements per tile of the tile-by-tile sums and of the 'columns' form of the
+#: elementwise passes (256 KiB of float32): a tile and what is chained on it
+#: stay in a core's L2 cache together.
 TILE_ELEMENTS = 1 << 16
 
 #: Reduced axes at least this long are summed with row dot products (BLAS);
@@ -314,8 +315,7 @@ def _tiles(shape3: tuple[int, int, int], elements: int = TILE_ELEMENTS) -> list[
 
     Whole rows of A with all channels where they fit; else one row of A and a
     run of channels; else (``B > elements``) one channel's row in pieces.  The
-    order is channel-run major (all rows of one run, then the next), so
-    coefficient planes are reused over consecutive tiles.
+    order is channel-run major (all rows of one run, then the next).
     """
     a, k, b = shape3
     if a == 0 or k == 0 or b == 0:
