@@ -34,7 +34,9 @@ How the kernels are fast
   long (one channel per tile: NumPy's fastest loops), else *planes* -- the
   per-channel coefficients broadcast over a whole row of the view, or over a
   run of channels -- because NumPy's loops over contiguous operands run two to
-  three times faster than its broadcasting ones.  See :func:`_elementwise`.
+  three times faster than its broadcasting ones; views with few rows of A
+  (layer, group and instance norm) broadcast columns, since a plane would
+  serve too few tiles.  See :func:`_elementwise`.
 * Tiles are spread over a small pool of Python threads
   (:func:`set_num_threads`; NumPy releases the GIL in its loops), in
   contiguous groups; nothing combines partial results across threads, so the
@@ -551,7 +553,7 @@ def _whole_sums(
         return None
     a, k, b = x3.shape
     g3 = x3 if y3 is None else y3
-    threads = max(1, min(_num_threads, 8))
+    threads = max(1, _num_threads)
     if b >= ROW_DOT_MIN:
         length = _row_length(b, WHOLE_ROW_DOT_MAX)
         x2 = x3.reshape(-1, length)
@@ -965,9 +967,6 @@ def _elementwise(
         _map(fn, items, size)
 
 
-_MUL = _Step(np.multiply, "scale")
-
-
 def affine_pass(
     x3: np.ndarray,
     scale: np.ndarray,
@@ -995,7 +994,7 @@ def affine_pass(
     scale = np.asarray(scale, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
     coefs = {"scale": scale, "shift": shift}
-    steps = [_MUL, _Step(np.add, "shift")]
+    steps = [_Step(np.multiply, "scale"), _Step(np.add, "shift")]
     if center is not None:
         center = np.asarray(center, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -1012,7 +1011,7 @@ def affine_pass(
                 delta = c_ct.astype(np.float64) - center
                 coefs["shift"] = shift + np.where(delta != 0, delta * scale, 0.0)
                 coefs["center"] = c_ct.astype(np.float64)
-                steps = [_Step(np.subtract, "center"), _MUL, _Step(np.add, "shift")]
+                steps.insert(0, _Step(np.subtract, "center"))
     _elementwise(out3, "x", steps, {"x": x3}, coefs)
 
 
