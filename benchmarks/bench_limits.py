@@ -121,12 +121,12 @@ def _worker(conn: Connection, which: int) -> None:
 
 
 class Workers:
-    """Two worker processes, forked before PyTorch is imported or any Python thread starts."""
+    """Two worker processes (spawned: each builds its own half of the data from the same seed)."""
 
     def __init__(self) -> None:
         import multiprocessing
 
-        ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs = []
         for which in range(2):
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rounds, target = (5, 0.005) if args.quick else (15, 0.02)
     bnorm.set_num_threads(1)  # the splits below are explicit
-    workers = Workers()  # fork first: before PyTorch's and bnorm's threads exist
+    workers = Workers()
     torch = _torch()
     print(
         f"{os.cpu_count()} CPUs; numpy {np.__version__}"
