@@ -35,7 +35,6 @@ the same implementation, and rounds interleave all of them.
 
 from __future__ import annotations
 
-# ruff: noqa: E402  (the imports below need the sys.path entries above them)
 import argparse
 import math
 import os
@@ -50,14 +49,13 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The shapes, the settling and the helpers of the main benchmark (which also puts src/ on sys.path).
+from bench_batchnorm import SHAPES, _geomean, _settle, _torch
 
 import bnorm
 from bnorm.functional._moments import _elementwise, _Step, backward_pass, backward_sums, channel_view
-
-SHAPES = [(4096, 1024), (64, 128, 1024), (32, 64, 56, 56), (128, 512, 7, 7), (8, 32, 16, 32, 32)]
-SETTLE = 0.01
 
 
 class Half:
@@ -100,7 +98,7 @@ PROGRAMS: dict[str, Callable[[Half], None]] = {
 
 
 def _halves(shape: tuple[int, ...]) -> list[slice]:
-    a = channel_view(np.empty(shape, dtype=np.float32), 1).shape[0]
+    a = shape[0]  # the outer axis of the channels-first (A, K, B) view
     return [slice(0, a // 2), slice(a // 2, a)]
 
 
@@ -149,19 +147,8 @@ class Workers:
             p.join(timeout=5)
 
 
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
 def _timed(f: Callable[[int], None], n: int) -> float:
-    t0 = time.perf_counter()
-    f(1)
-    while time.perf_counter() - t0 < SETTLE:
-        f(1)
+    _settle(partial(f, 1))
     t0 = time.perf_counter()
     f(n)
     return (time.perf_counter() - t0) / n * 1e3
@@ -219,10 +206,6 @@ def measure(
             times[name].append(_timed(fns[name], reps[name]))
     pool.shutdown()
     return times
-
-
-def _geomean(v: list[float]) -> float:
-    return float(math.exp(sum(math.log(x) for x in v) / len(v)))
 
 
 def main(argv: list[str] | None = None) -> int:
