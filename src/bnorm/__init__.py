@@ -7,7 +7,7 @@
 ((8, 3, 4, 4), 1)
 """
 
-from . import distributed, fold, functional, interop, preprocessing
+from . import distributed, fold, functional, interop, preprocessing, testing
 from ._conventions import CONVENTIONS, Convention
 from ._version import __version__
 from .functional._moments import num_threads, set_num_threads
@@ -17,6 +17,10 @@ from .layers import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
     GroupNorm,
     InstanceNorm1d,
     InstanceNorm2d,
@@ -37,6 +41,10 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "SyncBatchNorm",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "LayerNorm",
     "GroupNorm",
     "InstanceNorm1d",
@@ -48,6 +56,7 @@ __all__ = [
     "interop",
     "fold",
     "distributed",
+    "testing",
     "num_threads",
     "set_num_threads",
 ]

@@ -36,6 +36,7 @@ from .layers.batchnorm import (
     BatchNorm3d,
     _BatchNormBase,
 )
+from .layers.renorm import BatchRenorm, _BatchRenormBase
 
 __all__ = ["from_torch", "from_keras", "to_keras_weights"]
 
@@ -149,7 +150,10 @@ def from_keras(
     momentum: float = 0.99,
     epsilon: float = 1e-3,
     axis: int = -1,
-) -> BatchNorm:
+    renorm: bool = False,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.99,
+) -> BatchNorm | BatchRenorm:
     r"""A bnorm layer equal to a Keras ``BatchNormalization`` (or built from its weights).
 
     The result is a :class:`~bnorm.BatchNorm` in the Keras convention:
@@ -161,13 +165,22 @@ def from_keras(
     statistics included.  Without `scale` the weight (gamma) is None (fixed at
     1, not trained); without `center` the bias (beta) is None.
 
+    A layer with ``renorm=True`` (batch renormalization) becomes a
+    :class:`~bnorm.BatchRenorm` in the Keras convention: ``decay=momentum``,
+    ``renorm_decay=renorm_momentum``, ``r_max``/``r_min``/``d_max`` from
+    ``renorm_clipping`` (missing keys unclipped), and all seven variables:
+    gamma, beta, moving_mean, moving_variance, moving_stddev (``running_std``),
+    renorm_mean and renorm_stddev (``renorm_std``).  Its counter starts at 0
+    (Keras keeps none).
+
     Parameters
     ----------
     layer_or_weights : keras.layers.BatchNormalization or sequence of array_like
         A built Keras layer (its ``axis``, ``momentum``, ``epsilon``, ``center``
         and ``scale`` are read from it and the keyword arguments are ignored),
         or the list ``get_weights()`` returns: gamma (if `scale`), beta (if
-        `center`), moving_mean, moving_variance.
+        `center`), moving_mean, moving_variance, and with `renorm`
+        moving_stddev, renorm_mean, renorm_stddev.
     center, scale : bool
         Whether the weight list has beta, gamma (Keras's arguments).
     momentum : float in [0, 1]
@@ -176,17 +189,20 @@ def from_keras(
         Keras's epsilon (default 1e-3, not PyTorch's 1e-5).
     axis : int
         The channel axis (Keras default -1, channels-last).
+    renorm, renorm_clipping, renorm_momentum
+        Keras' batch-renormalization arguments (for a weight list).
 
     Returns
     -------
-    BatchNorm
+    BatchNorm or BatchRenorm
         A new layer in evaluation mode holding copies of the weights.
 
     Raises
     ------
     ValueError
-        If the layer is not built, uses ``renorm`` or several axes, or the
-        number or shapes of the weights do not match `center` and `scale`.
+        If the layer is not built or uses several axes, the number or shapes of
+        the weights do not match `center`, `scale` and `renorm`, or
+        `renorm_clipping` has keys other than rmax, rmin, dmax.
 
     Examples
     --------
@@ -203,10 +219,6 @@ def from_keras(
     """
     src = layer_or_weights
     if callable(getattr(src, "get_weights", None)):
-        if getattr(src, "renorm", False):
-            raise ValueError(
-                "Keras BatchNormalization with renorm=True is not supported (batch renormalization)"
-            )
         if not getattr(src, "built", True):
             raise ValueError("the Keras layer is not built: call it on an input (or build it) first")
         ax = src.axis
@@ -216,6 +228,10 @@ def from_keras(
             ax = ax[0]
         center, scale = bool(src.center), bool(src.scale)
         momentum, epsilon, axis = float(src.momentum), float(src.epsilon), int(ax)
+        renorm = bool(getattr(src, "renorm", False))
+        if renorm:
+            renorm_clipping = dict(getattr(src, "renorm_clipping", None) or {})
+            renorm_momentum = float(src.renorm_momentum)
         weights = list(src.get_weights())
     elif isinstance(src, np.ndarray) and src.ndim == 2:
         weights = list(src)  # the weights stacked as rows
@@ -227,25 +243,48 @@ def from_keras(
     else:
         weights = list(src)
     names = (["gamma"] if scale else []) + (["beta"] if center else []) + ["moving_mean", "moving_variance"]
+    if renorm:
+        names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
     if len(weights) != len(names):
         raise ValueError(
             f"expected {len(names)} Keras weights ({', '.join(names)}) for center={center}, "
-            f"scale={scale}, got {len(weights)}"
+            f"scale={scale}, renorm={renorm}, got {len(weights)}"
         )
     arrays = {n: to_numpy(w, n) for n, w in zip(names, weights, strict=True)}
     mean = arrays["moving_mean"]
     if mean.ndim != 1:
         raise ValueError(f"moving_mean must be 1-D (C,), got shape {mean.shape}")
-    bn = BatchNorm(
-        mean.shape[0],
-        eps=epsilon,
-        affine=center or scale,
-        decay=momentum,
-        axis=axis,
-        unbiased_running_var=False,
-        convention="keras",
-        dtype=_float_dtype(list(arrays.values())),
-    )
+    dtype = _float_dtype(list(arrays.values()))
+    bn: BatchNorm | BatchRenorm
+    if renorm:
+        clip = dict(renorm_clipping or {})
+        unknown = sorted(set(clip) - {"rmax", "rmin", "dmax"})
+        if unknown:
+            raise ValueError(f"renorm_clipping keys must be among 'rmax', 'rmin', 'dmax', got {unknown}")
+        bn = BatchRenorm(
+            mean.shape[0],
+            eps=epsilon,
+            affine=center or scale,
+            r_max=clip.get("rmax"),
+            r_min=clip.get("rmin"),
+            d_max=clip.get("dmax"),
+            renorm_decay=float(renorm_momentum),
+            decay=momentum,
+            axis=axis,
+            convention="keras",
+            dtype=dtype,
+        )
+    else:
+        bn = BatchNorm(
+            mean.shape[0],
+            eps=epsilon,
+            affine=center or scale,
+            decay=momentum,
+            axis=axis,
+            unbiased_running_var=False,
+            convention="keras",
+            dtype=dtype,
+        )
     if not scale:
         bn.weight = None
     if not center:
@@ -255,6 +294,9 @@ def from_keras(
         "beta": "bias",
         "moving_mean": "running_mean",
         "moving_variance": "running_var",
+        "moving_stddev": "running_std",
+        "renorm_mean": "renorm_mean",
+        "renorm_stddev": "renorm_std",
     }
     bn.load_state_dict({keys[n]: a for n, a in arrays.items()}, strict=True)
     bn.eval()
@@ -266,7 +308,10 @@ def to_keras_weights(layer: Any) -> list[np.ndarray]:
 
     ``[gamma, beta, moving_mean, moving_variance]``, leaving out gamma when
     the weight is None and beta when the bias is None (Keras ``scale=False`` /
-    ``center=False``).  Copies, in the layer's dtype.
+    ``center=False``).  Copies, in the layer's dtype.  A batch-renormalization
+    layer adds ``moving_stddev, renorm_mean, renorm_stddev`` (Keras
+    ``renorm=True``); without separate renorm averages (the paper's form)
+    those are its running mean and deviation.
 
     Build the Keras layer with the same settings, or the numbers will differ:
     ``epsilon=layer.eps`` (Keras defaults to 1e-3, PyTorch to 1e-5),
@@ -305,4 +350,12 @@ def to_keras_weights(layer: Any) -> list[np.ndarray]:
             "BatchNormalization always has moving_mean and moving_variance"
         )
     gamma, beta = getattr(layer, "weight", None), getattr(layer, "bias", None)
-    return [np.array(a, copy=True) for a in (gamma, beta, mean, var) if a is not None]
+    arrays = [gamma, beta, mean, var]
+    if isinstance(layer, _BatchRenormBase):
+        separate = layer.renorm_mean is not None
+        arrays += [
+            layer.running_std,
+            layer.renorm_mean if separate else layer.running_mean,
+            layer.renorm_std if separate else layer.running_std,
+        ]
+    return [np.array(a, copy=True) for a in arrays if a is not None]

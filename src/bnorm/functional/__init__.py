@@ -1,4 +1,4 @@
-"""Stateless kernels: batch, layer, group and instance norm.
+"""Stateless kernels: batch norm, batch renormalization, layer, group and instance norm.
 
 ``op(...)`` -> output, ``op_forward(...)`` -> (output, ctx),
 ``op_backward(grad_output, ctx)`` -> (grad_input, grad_weight, grad_bias).
@@ -9,6 +9,12 @@ from .batch_norm import (
     batch_norm,
     batch_norm_backward,
     batch_norm_forward,
+)
+from .batch_renorm import (
+    BatchRenormContext,
+    batch_renorm,
+    batch_renorm_backward,
+    batch_renorm_forward,
 )
 from .group_norm import (
     GroupNormContext,
@@ -34,6 +40,10 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "BatchRenormContext",
+    "batch_renorm",
+    "batch_renorm_forward",
+    "batch_renorm_backward",
     "LayerNormContext",
     "layer_norm",
     "layer_norm_forward",

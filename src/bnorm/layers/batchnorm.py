@@ -28,6 +28,7 @@ from ..functional.batch_norm import (
     _forward,
     batch_norm_backward,
 )
+from ..functional._ghost import GhostContext, check_split, ghost_backward, ghost_forward
 from ._base import Module
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -69,6 +70,16 @@ _SECTIONS = inspect.cleandoc(
         What a batch with non-finite statistics does to the running buffers:
         skipped with a RuntimeWarning (and not counted), FloatingPointError, or
         absorbed as PyTorch does.
+    virtual_batch_size : int or None, default None, keyword-only
+        Ghost batch norm (Hoffer et al. 2017; tf.keras's ``virtual_batch_size``):
+        batch statistics are taken per virtual batch of this many samples
+        (axis 0), which must divide the batch size.  The running statistics
+        absorb, once per step, the mean over the virtual batches of their
+        means and of their variances (as tf.keras).  None: the whole batch.
+    virtual_batch_split : {'contiguous', 'strided'}, default 'contiguous', keyword-only
+        Which samples form virtual batch j of G: ``j*v ... (j+1)*v - 1``
+        (contiguous chunks, as TabNet), or ``j, j + G, j + 2G, ...`` (strided:
+        tf.keras's grouping, number for number).
 
     Attributes
     ----------
@@ -124,9 +135,14 @@ class _BatchNormBase(Module):
         convention: str | None = None,
         dtype: DTypeLike = np.float32,
         on_nonfinite: NonFinitePolicy = "skip",
+        virtual_batch_size: int | None = None,
+        virtual_batch_split: str = "contiguous",
     ) -> None:
         super().__init__()
         check_positive_int(num_features, "num_features")
+        if virtual_batch_size is not None:
+            check_positive_int(virtual_batch_size, "virtual_batch_size")
+        check_split(virtual_batch_split)
         explicit: frozenset[str] = getattr(self, "_explicit_args", frozenset())
         running, eps, axis, unbiased = resolve_layer_convention(
             convention,
@@ -154,6 +170,8 @@ class _BatchNormBase(Module):
         self.convention = convention
         self.dtype = dt
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
+        self.virtual_batch_split = str(virtual_batch_split)
         self.weight: np.ndarray | None = np.ones(num_features, dt) if self.affine else None
         self.bias: np.ndarray | None = np.zeros(num_features, dt) if self.affine else None
         self.running_mean: np.ndarray | None = None
@@ -165,7 +183,7 @@ class _BatchNormBase(Module):
             self.num_batches_tracked = np.array(0, dtype=np.int64)
         self.grad_weight: np.ndarray | None = None
         self.grad_bias: np.ndarray | None = None
-        self._ctx: BatchNormContext | None = None
+        self._ctx: BatchNormContext | GhostContext | None = None
 
     # -- conventions -----------------------------------------------------------
     @property
@@ -393,6 +411,8 @@ class _BatchNormBase(Module):
             assert self.num_batches_tracked is not None
             count = int(self.num_batches_tracked) + 1
         use_running = self.track_running_stats
+        if self.virtual_batch_size is not None and (mode or not use_running):
+            return self._ghost_forward(arr, mode, count)
         y, ctx = _forward(
             arr,
             self.running_mean if use_running else None,
@@ -427,9 +447,47 @@ class _BatchNormBase(Module):
         """
         if self._ctx is None:
             raise RuntimeError("backward called before forward: run forward(x) first")
-        dx, dw, db = batch_norm_backward(grad_output, self._ctx)
+        if isinstance(self._ctx, GhostContext):
+            dx, dw, db = ghost_backward(grad_output, self._ctx)
+        else:
+            dx, dw, db = batch_norm_backward(grad_output, self._ctx)
         self.grad_weight, self.grad_bias = dw, db
         return dx
+
+    def _ghost_forward(self, arr: np.ndarray, mode: bool, count: int) -> np.ndarray:
+        """Ghost batch norm: batch statistics per virtual batch (see `virtual_batch_size`)."""
+        assert self.virtual_batch_size is not None
+        if self._reducer() is not None:
+            raise ValueError("virtual_batch_size is not supported with statistics merged across processes")
+        x = as_float_input(arr, "input")
+        ax = normalize_axis(self.axis, x.ndim)
+        if ax == 0:
+            raise ValueError(
+                "virtual_batch_size splits axis 0 (the batch axis), so the channel axis cannot be 0, "
+                f"got axis={self.axis}"
+            )
+        tracking = mode and self.track_running_stats
+        y, ctx = ghost_forward(
+            x,
+            ax,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.weight,
+            self.bias,
+            mode,
+            self._running,
+            self.eps,
+            self.unbiased_running_var,
+            self.on_nonfinite,
+            self.virtual_batch_size,
+            self.virtual_batch_split,
+            count,
+        )
+        if tracking and (ctx.stats_updated or ctx.count == 0):
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked += 1
+        self._ctx = ctx
+        return y
 
     # -- presentation ----------------------------------------------------------
     def extra_repr(self) -> str:
@@ -443,6 +501,10 @@ class _BatchNormBase(Module):
             parts.append("unbiased_running_var=False")
         if self.dtype != np.float32:
             parts.append(f"dtype={self.dtype.name}")
+        if self.virtual_batch_size is not None:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
+            if self.virtual_batch_split != "contiguous":
+                parts.append(f"virtual_batch_split={self.virtual_batch_split!r}")
         return ", ".join(parts)
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from .._validation import describe
 from ..distributed import MPIStatsReducer, allreduce_grads, check_comm
 from ..functional.batch_norm import NonFinitePolicy, StatsReducer
 from .batchnorm import BatchNorm, _BatchNormBase, _layer_doc
+from .renorm import _BatchRenormBase
 
 __all__ = ["SyncBatchNorm"]
 
@@ -178,6 +179,9 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         """
         if not isinstance(layer, _BatchNormBase):
             raise TypeError(f"layer must be a bnorm batch-norm layer, got {describe(layer)}")
+        if layer.virtual_batch_size is not None or isinstance(layer, _BatchRenormBase):
+            what = "ghost batch norm (virtual_batch_size)" if layer.virtual_batch_size else "batch renormalization"
+            raise ValueError(f"SyncBatchNorm does not support {what}: got {layer!r}")
         new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
         _copy_state(layer, new)
         return new

@@ -1,0 +1,80 @@
+"""Batch norm's training pass in two steps: the batch statistics, then the normalization with them.
+
+Batch renormalization needs the batch statistics *before* normalizing (r and d
+depend on them) and ghost batch norm needs each sub-batch's variance for the
+running averages; both then normalize exactly as batch norm's training pass
+does.  :func:`batch_moments` returns the per-channel mean and biased variance
+(float64, shapes (C,)) of a ``(N, C, *S)`` input with channel axis `ax`;
+:func:`normalize_with` runs batch norm's single affine pass with them and
+returns a :class:`BatchNormContext` marked as batch statistics, so
+:func:`batch_norm_backward` differentiates through the mean and variance.
+Nothing here touches running buffers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from .._validation import shape_text
+from ._moments import channel_moments, channel_view
+from .batch_norm import BatchNormContext, batch_norm_forward
+
+__all__ = ["batch_moments", "normalize_with", "absorbs"]
+
+
+def batch_moments(x: np.ndarray, ax: int, what: str = "input size") -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mean, var_biased, n)`` per channel of float array `x`; one value per channel is an error."""
+    x3 = channel_view(x, ax)
+    # batch norm's accumulation (float32 sums within rows, float64 across): same numbers, same speed
+    moments = channel_moments(x3, accumulate="compute")
+    n = moments.count
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {what} {shape_text(x.shape)}")
+    var = moments.var(ddof=0) if n > 0 else np.zeros(x3.shape[1])
+    return moments.mean, var, n
+
+
+def normalize_with(
+    x: np.ndarray,
+    ax: int,
+    mean: np.ndarray,
+    var: np.ndarray,
+    n: int,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    out: Any = None,
+) -> tuple[np.ndarray, BatchNormContext]:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` and a batch-statistics context for backward.
+
+    Batch norm's evaluation pass with the batch statistics in place of the
+    running ones is exactly its training pass without a second moments pass.
+    """
+    y, ctx = batch_norm_forward(x, mean, var, weight, bias, False, eps=eps, axis=ax, out=out)
+    return y, replace(ctx, batch_stats=True, count=n)
+
+
+def absorbs(mean: np.ndarray, var: np.ndarray, on_nonfinite: str, stacklevel: int) -> bool:
+    """Whether running statistics absorb batch statistics `mean`, `var`, by the non-finite policy.
+
+    Finite statistics always; otherwise 'propagate' absorbs them, 'raise'
+    raises FloatingPointError and 'skip' warns (RuntimeWarning) and skips.
+    """
+    if bool(np.isfinite(mean).all() and np.isfinite(var).all()) or on_nonfinite == "propagate":
+        return True
+    if on_nonfinite == "raise":
+        raise FloatingPointError(
+            "batch statistics are not finite (NaN or inf in the input); running statistics left "
+            "unchanged. Pass on_nonfinite='skip' to skip such batches or 'propagate' to update anyway"
+        )
+    warnings.warn(
+        "batch statistics are not finite (NaN or inf in the input): the running statistics were "
+        "not updated with this batch (on_nonfinite='skip')",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return False
