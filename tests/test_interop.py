@@ -258,8 +258,8 @@ def test_from_keras_errors(keras):
         from_keras(keras.layers.BatchNormalization())
     renorm = keras.layers.BatchNormalization(renorm=True)
     renorm.build((2, 3))
-    with pytest.raises(ValueError, match="renorm=True is not supported"):
-        from_keras(renorm)
+    with pytest.raises(ValueError, match=r"expected 7 Keras weights .* renorm=True, got 4"):
+        from_keras(renorm.get_weights()[:4], renorm=True)
 
 
 # -- the documentation's examples run ----------------------------------------------
