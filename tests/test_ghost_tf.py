@@ -31,7 +31,14 @@ def _close(actual, expected, what):
 
 
 @pytest.mark.parametrize(
-    "shape,v,axis", [((12, 4), 3, -1), ((8, 5, 3), 4, -1), ((6, 2, 3, 3), 2, -1), ((8, 3, 4), 2, 1), ((8, 2, 2, 2, 3), 4, -1)]
+    "shape,v,axis",
+    [
+        ((12, 4), 3, -1),
+        ((8, 5, 3), 4, -1),
+        ((6, 2, 3, 3), 2, -1),
+        ((8, 3, 4), 2, 1),
+        ((8, 2, 2, 2, 3), 4, -1),
+    ],
 )
 def test_strided_split_matches_tf_keras(shape, v, axis):
     rng = np.random.default_rng(0)
@@ -40,7 +47,9 @@ def test_strided_split_matches_tf_keras(shape, v, axis):
     kl.build(shape)
     gamma, beta = rng.uniform(0.5, 2, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
     kl.set_weights([gamma.reshape(kl.gamma.shape), beta.reshape(kl.beta.shape), *kl.get_weights()[2:]])
-    layer = bnorm.BatchNorm(c, convention="keras", decay=0.9, axis=axis, virtual_batch_size=v, virtual_batch_split="strided")
+    layer = bnorm.BatchNorm(
+        c, convention="keras", decay=0.9, axis=axis, virtual_batch_size=v, virtual_batch_split="strided"
+    )
     layer.weight[...], layer.bias[...] = gamma, beta
     for step in range(3):
         x = (rng.normal(size=shape) * (step + 1) + step).astype(np.float32)

@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnorm
-from bnorm.testing import check_grad
 from bnorm.functional import (
     GroupNormContext,
     InstanceNormContext,
@@ -33,6 +32,7 @@ from bnorm.functional import (
     layer_norm_backward,
     layer_norm_forward,
 )
+from bnorm.testing import check_grad
 
 TOL = {
     np.float64: dict(rtol=1e-12, atol=1e-12),

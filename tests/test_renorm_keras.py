@@ -62,11 +62,18 @@ def _step(kl, layer, x, u):
     return checks
 
 
-CLIPPINGS = [{}, {"rmax": 1.5, "rmin": 0.7, "dmax": 0.4}, {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}, {"dmax": 0.1}]
+CLIPPINGS = [
+    {},
+    {"rmax": 1.5, "rmin": 0.7, "dmax": 0.4},
+    {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0},
+    {"dmax": 0.1},
+]
 SHAPES = [((8, 4), -1), ((4, 3, 5), -1), ((3, 4, 2, 2), 1), ((2, 3, 3, 2, 4), -1)]
 
 
-@pytest.mark.parametrize("clipping", CLIPPINGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "unclipped")
+@pytest.mark.parametrize(
+    "clipping", CLIPPINGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "unclipped"
+)
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=lambda s: str(s))
 def test_several_steps_match_keras(shape, axis, clipping):
     rng = np.random.default_rng(17)
@@ -118,7 +125,9 @@ def test_without_gamma_or_beta(center, scale):
 def test_from_keras_reads_every_variable_and_continues_training():
     rng = np.random.default_rng(11)
     clip = {"rmax": 3.0, "rmin": 0.25, "dmax": 2.0}
-    kl = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-4, renorm=True, renorm_clipping=clip, renorm_momentum=0.6)
+    kl = keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-4, renorm=True, renorm_clipping=clip, renorm_momentum=0.6
+    )
     kl.build((5, 4))
     kl.gamma.assign(rng.uniform(0.5, 2, 4).astype(np.float32))
     for _ in range(3):
@@ -139,7 +148,9 @@ def test_from_keras_reads_every_variable_and_continues_training():
         x = (rng.normal(size=(5, 4)) + 1).astype(np.float32)
         _step(kl, layer, x, rng.normal(size=(5, 4)).astype(np.float32))
     # and back: a Keras layer given bnorm's weights continues identically
-    k2 = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-4, renorm=True, renorm_clipping=clip, renorm_momentum=0.6)
+    k2 = keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-4, renorm=True, renorm_clipping=clip, renorm_momentum=0.6
+    )
     k2.build((5, 4))
     k2.set_weights(to_keras_weights(layer))
     x = rng.normal(size=(5, 4)).astype(np.float32)

@@ -26,15 +26,29 @@ def _every_pair(rng):
     w4, b4 = rng.uniform(0.5, 2, 4), rng.normal(size=4)
     rm, rv = rng.normal(size=4), rng.uniform(0.5, 2, 4)
     cases = {
-        "batch_norm train": (lambda x, w, b: F.batch_norm_forward(x, None, None, w, b, True), F.batch_norm_backward),
-        "batch_norm eval": (lambda x, w, b: F.batch_norm_forward(x, rm, rv, w, b, False), F.batch_norm_backward),
-        "batch_renorm eval": (lambda x, w, b: F.batch_renorm_forward(x, rm, rv, w, b, False), F.batch_renorm_backward),
+        "batch_norm train": (
+            lambda x, w, b: F.batch_norm_forward(x, None, None, w, b, True),
+            F.batch_norm_backward,
+        ),
+        "batch_norm eval": (
+            lambda x, w, b: F.batch_norm_forward(x, rm, rv, w, b, False),
+            F.batch_norm_backward,
+        ),
+        "batch_renorm eval": (
+            lambda x, w, b: F.batch_renorm_forward(x, rm, rv, w, b, False),
+            F.batch_renorm_backward,
+        ),
         "batch_renorm pinned": (
-            lambda x, w, b: F.batch_renorm_forward(x, rm.copy(), rv.copy(), w, b, True, r_max=2, r_min=2, d_max=0),
+            lambda x, w, b: F.batch_renorm_forward(
+                x, rm.copy(), rv.copy(), w, b, True, r_max=2, r_min=2, d_max=0
+            ),
             F.batch_renorm_backward,
         ),
         "group_norm": (lambda x, w, b: F.group_norm_forward(x, 2, w, b), F.group_norm_backward),
-        "instance_norm": (lambda x, w, b: F.instance_norm_forward(x, None, None, w, b), F.instance_norm_backward),
+        "instance_norm": (
+            lambda x, w, b: F.instance_norm_forward(x, None, None, w, b),
+            F.instance_norm_backward,
+        ),
     }
     args = {k: (x4, w4, b4) for k in cases}
     wl, bl = rng.uniform(0.5, 2, (2, 3)), rng.normal(size=(2, 3))
@@ -63,7 +77,7 @@ def test_returns_the_measured_error_and_is_reproducible(bn_point):
 
 
 def test_catches_the_wrong_dx_an_all_ones_gradient_hides(bn_point):
-    x, gamma, beta = bn_point
+    x, gamma, _ = bn_point
 
     def wrong(g, ctx):  # misses the variance term: right for g = 1, wrong otherwise
         _, dgamma, dbeta = F.batch_norm_backward(g, ctx)
@@ -109,18 +123,22 @@ def test_names_the_wrong_parameter_gradient(bn_point):
 
 
 def test_none_gradient_is_a_zero_gradient(bn_point):
-    x, gamma, beta = bn_point
+    x, gamma, _ = bn_point
 
     def drops_dgamma(g, ctx):
         dx, _, dbeta = F.batch_norm_backward(g, ctx)
         return dx, None, dbeta
 
-    with pytest.raises(GradientCheckError, match="gradient of input 'gamma' .* backward returned None for it"):
+    with pytest.raises(
+        GradientCheckError, match=r"gradient of input 'gamma' .* backward returned None for it"
+    ):
         check_grad(_bn, drops_dgamma, *bn_point)
     # None inputs pass through and need None gradients
     fwd = lambda x, gamma, beta: _bn(x, gamma, beta)  # noqa: E731
     assert check_grad(fwd, lambda g, c: F.batch_norm_backward(g, c), x, gamma, None) < 1e-9
-    with pytest.raises(GradientCheckError, match=r"input 2 \('beta'\) is None but backward returned a gradient"):
+    with pytest.raises(
+        GradientCheckError, match=r"input 2 \('beta'\) is None but backward returned a gradient"
+    ):
         check_grad(fwd, lambda g, c: (*F.batch_norm_backward(g, c)[:2], np.zeros(4)), x, gamma, None)
 
 
@@ -132,7 +150,10 @@ def test_single_input_may_return_an_array(rng):
 @pytest.mark.parametrize(
     "backward,match",
     [
-        (lambda g, c: F.batch_norm_backward(g, c)[:2], r"backward must return one gradient per input \(3\), got 2"),
+        (
+            lambda g, c: F.batch_norm_backward(g, c)[:2],
+            r"backward must return one gradient per input \(3\), got 2",
+        ),
         (
             lambda g, c: (F.batch_norm_backward(g, c)[0][:2], None, None),
             r"gradient of input 'x' must have the input's shape \(12, 4\), got \(2, 4\)",
@@ -164,13 +185,17 @@ def test_in_place_mistakes(bn_point):
 
 def test_argument_errors(bn_point):
     x, gamma, beta = bn_point
-    with pytest.raises(TypeError, match=r"input 0 \('x'\) must be a float64 ndarray .* got an array of dtype float32"):
+    with pytest.raises(
+        TypeError, match=r"input 0 \('x'\) must be a float64 ndarray .* got an array of dtype float32"
+    ):
         check_grad(_bn, F.batch_norm_backward, x.astype(np.float32), gamma, beta)
     with pytest.raises(TypeError, match=r"input 1 \('gamma'\) must be a float64 ndarray .* got list"):
         check_grad(_bn, F.batch_norm_backward, x, [1.0] * 4, beta)
     with pytest.raises(TypeError, match=r"forward must return \(output, ctx\), got ndarray"):
         check_grad(lambda x: np.sin(x), lambda g, c: g, x)
-    with pytest.raises(TypeError, match="forward must return a float64 ndarray output for float64 inputs, got dtype float32"):
+    with pytest.raises(
+        TypeError, match="forward must return a float64 ndarray output for float64 inputs, got dtype float32"
+    ):
         check_grad(lambda x: (x.astype(np.float32), None), lambda g, c: g, x)
     with pytest.raises(ValueError, match="eps must be a finite number > 0, got 0"):
         check_grad(_bn, F.batch_norm_backward, *bn_point, eps=0)

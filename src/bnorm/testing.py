@@ -215,7 +215,8 @@ def check_grad(
             )
         if a.size > 1 and np.all(a == a.flat[0]):
             warnings.warn(
-                f"check_grad: input {label!r} is constant (all {float(a.flat[0])!r}); a backward that ignores "
+                f"check_grad: input {label!r} is constant (all {float(a.flat[0])!r}); "
+                "a backward that ignores "
                 "it or mishandles it can pass unnoticed -- check at random values",
                 UserWarning,
                 stacklevel=2,
@@ -255,7 +256,9 @@ def check_grad(
         for i, (label, a, g) in enumerate(zip(labels, inputs, grads, strict=True)):
             if a is None:
                 if g is not None:
-                    raise GradientCheckError(f"input {i} ({label!r}) is None but backward returned a gradient")
+                    raise GradientCheckError(
+                        f"input {i} ({label!r}) is None but backward returned a gradient"
+                    )
                 continue
             if g is not None:
                 g = np.asarray(g, dtype=np.float64)
@@ -265,9 +268,9 @@ def check_grad(
                     )
             v = rng.standard_normal(a.shape)
             h = eps
-            numeric = (8 * (phi(u, i, v, h) - phi(u, i, v, -h)) - (phi(u, i, v, 2 * h) - phi(u, i, v, -2 * h))) / (
-                12 * h
-            )
+            numeric = (
+                8 * (phi(u, i, v, h) - phi(u, i, v, -h)) - (phi(u, i, v, 2 * h) - phi(u, i, v, -2 * h))
+            ) / (12 * h)
             analytic = 0.0 if g is None else float(np.vdot(g, v))
             diff = abs(numeric - analytic)
             # <g, v> is N(0, |g|^2) for v ~ N(0, I): |g| is its typical size, so a projection

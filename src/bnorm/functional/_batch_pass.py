@@ -33,7 +33,9 @@ def batch_moments(x: np.ndarray, ax: int, what: str = "input size") -> tuple[np.
     moments = channel_moments(x3, accumulate="compute")
     n = moments.count
     if n == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {what} {shape_text(x.shape)}")
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {what} {shape_text(x.shape)}"
+        )
     var = moments.var(ddof=0) if n > 0 else np.zeros(x3.shape[1])
     return moments.mean, var, n
 

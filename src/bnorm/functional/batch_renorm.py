@@ -48,8 +48,8 @@ from .._validation import (
     describe,
     normalize_axis,
 )
-from ._common import start_backward
 from ._batch_pass import absorbs, batch_moments, normalize_with
+from ._common import start_backward
 from .batch_norm import (
     _DEFAULT_MOMENTUM,
     BatchNormContext,
@@ -70,7 +70,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BatchRenormContext:
-    """What :func:`batch_renorm_backward` needs from the forward pass.
+    r"""What :func:`batch_renorm_backward` needs from the forward pass.
 
     Attributes
     ----------
@@ -80,7 +80,7 @@ class BatchRenormContext:
     r, d : ndarray of shape (C,), float64
         The corrections used (ones and zeros in evaluation).
     batch_mean, batch_std : ndarray of shape (C,), float64, or None
-        :math:`\\mu_B` and :math:`\\sigma_B = \\sqrt{\\mathrm{Var}_B + \\epsilon}`
+        :math:`\mu_B` and :math:`\sigma_B = \sqrt{\mathrm{Var}_B + \epsilon}`
         (None in evaluation).
     weight_dtype, bias_dtype : dtype or None
         dtypes of the given weight and bias (None: no such parameter, no gradient).
@@ -132,7 +132,7 @@ def corrections(
     eps: float,
     clipping: tuple[float | None, float | None, float | None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """r and d (float64) of a batch against moving statistics `mean`, `std`.
+    """R and d (float64) of a batch against moving statistics `mean`, `std`.
 
     ``std`` is floored at ``sqrt(eps)`` (Keras' guard against dividing by a
     near-zero moving deviation); r is raised to `r_min` and then lowered to

@@ -19,6 +19,7 @@ from .._validation import (
     describe,
     normalize_axis,
 )
+from ..functional._ghost import GhostContext, check_split, ghost_backward, ghost_forward
 from ..functional._moments import Moments, channel_moments, channel_view, merge_moments
 from ..functional.batch_norm import (
     BatchNormContext,
@@ -28,7 +29,6 @@ from ..functional.batch_norm import (
     _forward,
     batch_norm_backward,
 )
-from ..functional._ghost import GhostContext, check_split, ghost_backward, ghost_forward
 from ._base import Module
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -118,7 +118,7 @@ class _BatchNormBase(Module):
 
     _expected_dims: tuple[int, ...] | None = None
     _parameters = ("weight", "bias")
-    _buffers = ("running_mean", "running_var", "num_batches_tracked")
+    _buffers: tuple[str, ...] = ("running_mean", "running_var", "num_batches_tracked")
 
     @records_explicit
     def __init__(

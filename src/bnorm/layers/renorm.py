@@ -22,7 +22,7 @@ from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, records_explicit
 from ..functional._batch_pass import absorbs
-from ..functional.batch_norm import batch_norm_backward, batch_norm_forward
+from ..functional.batch_norm import BatchNormContext, batch_norm_backward, batch_norm_forward
 from ..functional.batch_renorm import (
     BatchRenormContext,
     batch_renorm_backward,
@@ -148,7 +148,14 @@ _EXAMPLES = inspect.cleandoc(
 class _BatchRenormBase(_BatchNormBase):
     __doc__ = "Shared state and behaviour of the batch-renormalization layers.\n\n" + _DOC + "\n"
 
-    _buffers = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std", "num_batches_tracked")
+    _buffers: tuple[str, ...] = (
+        "running_mean",
+        "running_var",
+        "running_std",
+        "renorm_mean",
+        "renorm_std",
+        "num_batches_tracked",
+    )
 
     @records_explicit
     def __init__(
@@ -228,7 +235,7 @@ class _BatchRenormBase(_BatchNormBase):
 
     @property
     def d_max(self) -> float | None:
-        """d is clipped to ``[-d_max, d_max]`` (None: unclipped); may change between steps."""
+        """D is clipped to ``[-d_max, d_max]`` (None: unclipped); may change between steps."""
         return self._d_max
 
     @d_max.setter
@@ -250,7 +257,7 @@ class _BatchRenormBase(_BatchNormBase):
 
     # -- state -------------------------------------------------------------------
     def reset_running_stats(self) -> None:
-        """Moving means to 0, moving deviations and ``running_var`` to 1 (Keras' initial values), the counter to 0."""
+        """Moving means to 0, deviations and ``running_var`` to 1 (Keras' initial values), counter to 0."""
         super().reset_running_stats()
         assert self.running_std is not None and self.running_var is not None
         self.running_std.fill(1)
@@ -318,14 +325,20 @@ class _BatchRenormBase(_BatchNormBase):
         if ctx.bn.count > 0 and absorbs(ctx.batch_mean, ctx.batch_std, self.on_nonfinite, 3):
             updates: list[tuple[np.ndarray, np.ndarray]] = []
             if separate:
-                assert self._renorm is not None and self.renorm_mean is not None and self.renorm_std is not None
+                assert (
+                    self._renorm is not None and self.renorm_mean is not None and self.renorm_std is not None
+                )
                 updates.append((self.renorm_mean, self._renorm.update(self.renorm_mean, ctx.batch_mean)))
                 updates.append((self.renorm_std, self._renorm.update(self.renorm_std, ctx.batch_std)))
             new_std = self._running.update(self.running_std, ctx.batch_std, count)
-            updates.append((self.running_mean, self._running.update(self.running_mean, ctx.batch_mean, count)))
+            updates.append(
+                (self.running_mean, self._running.update(self.running_mean, ctx.batch_mean, count))
+            )
             updates.append((self.running_std, new_std))
             # Keras: moving_variance = relu(moving_stddev**2 - eps), in the variables' dtype
-            updates.append((self.running_var, np.maximum(new_std * new_std - new_std.dtype.type(self.eps), 0)))
+            updates.append(
+                (self.running_var, np.maximum(new_std * new_std - new_std.dtype.type(self.eps), 0))
+            )
             for dst, value in updates:
                 dst[...] = value
             self.num_batches_tracked += 1
@@ -343,7 +356,7 @@ class _BatchRenormBase(_BatchNormBase):
         """
         if self._renorm_ctx is not None:
             dx, dw, db = batch_renorm_backward(grad_output, self._renorm_ctx)
-        elif self._ctx is not None:
+        elif isinstance(self._ctx, BatchNormContext):  # evaluation
             dx, dw, db = batch_norm_backward(grad_output, self._ctx)
         else:
             raise RuntimeError("backward called before forward: run forward(x) first")

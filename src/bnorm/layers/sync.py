@@ -180,7 +180,11 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         if not isinstance(layer, _BatchNormBase):
             raise TypeError(f"layer must be a bnorm batch-norm layer, got {describe(layer)}")
         if layer.virtual_batch_size is not None or isinstance(layer, _BatchRenormBase):
-            what = "ghost batch norm (virtual_batch_size)" if layer.virtual_batch_size else "batch renormalization"
+            what = (
+                "ghost batch norm (virtual_batch_size)"
+                if layer.virtual_batch_size
+                else "batch renormalization"
+            )
             raise ValueError(f"SyncBatchNorm does not support {what}: got {layer!r}")
         new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
         _copy_state(layer, new)
@@ -270,7 +274,8 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
             :class:`bnorm.distributed.PeerError`).
         """
         ctx = self._ctx
-        step = ctx.reducer if ctx is not None and isinstance(ctx.reducer, MPIStatsReducer) else None
+        reducer = getattr(ctx, "reducer", None)  # a ghost-batch context has none
+        step = reducer if isinstance(reducer, MPIStatsReducer) else None
         if step is not None:
             step.sums_started = False
         try:
