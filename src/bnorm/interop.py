@@ -248,7 +248,7 @@ def from_keras(
     if len(weights) != len(names):
         raise ValueError(
             f"expected {len(names)} Keras weights ({', '.join(names)}) for center={center}, "
-            f"scale={scale}, renorm={renorm}, got {len(weights)}"
+            f"scale={scale}{', renorm=True' if renorm else ''}, got {len(weights)}"
         )
     arrays = {n: to_numpy(w, n) for n, w in zip(names, weights, strict=True)}
     mean = arrays["moving_mean"]
