@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ import numpy as np
 import bnorm
 
 
-def naive_renorm_step(x: np.ndarray, g: np.ndarray, mu: np.ndarray, sigma: np.ndarray, gamma: np.ndarray) -> Any:
+def naive_renorm_step(
+    x: np.ndarray, g: np.ndarray, mu: np.ndarray, sigma: np.ndarray, gamma: np.ndarray
+) -> Any:
     """Textbook batch renorm over axis 0 of (N, C), r and d clipped to [1/3, 3] and [-5, 5]."""
     m = x.shape[0]
     mean, var = x.mean(0), x.var(0)
@@ -69,11 +72,11 @@ def main() -> None:
         ghost = bnorm.BatchNorm1d(c, virtual_batch_size=v)
         plain = bnorm.BatchNorm1d(c)
         impls: dict[str, Callable[[], Any]] = {
-            "renorm naive": lambda: naive_renorm_step(x, g, mu, sigma, gamma),
-            "renorm bnorm": lambda: layer_step(brn, x, g),
-            f"ghost(v={v}) naive": lambda: naive_ghost_step(x, g, gamma, v),
-            f"ghost(v={v}) bnorm": lambda: layer_step(ghost, x, g),
-            "BatchNorm bnorm": lambda: layer_step(plain, x, g),
+            "renorm naive": partial(naive_renorm_step, x, g, mu, sigma, gamma),
+            "renorm bnorm": partial(layer_step, brn, x, g),
+            f"ghost(v={v}) naive": partial(naive_ghost_step, x, g, gamma, v),
+            f"ghost(v={v}) bnorm": partial(layer_step, ghost, x, g),
+            "BatchNorm bnorm": partial(layer_step, plain, x, g),
         }
         times: dict[str, list[float]] = {k: [] for k in impls}
         for f in impls.values():

@@ -157,8 +157,17 @@ def ghost_forward(
         mean = invstd = np.zeros([xg.shape[i] if i in (group_axis, cax) else 1 for i in range(xg.ndim)])
         y = np.empty(x.shape, dtype=x.dtype)
         ctx = GhostContext(
-            x, xg.shape, axes, cax, mean, invstd, gamma, None if w is None else w.dtype,
-            None if b is None else b.dtype, 0, False,
+            x,
+            xg.shape,
+            axes,
+            cax,
+            mean,
+            invstd,
+            gamma,
+            None if w is None else w.dtype,
+            None if b is None else b.dtype,
+            0,
+            False,
         )
         return y, ctx
     acc = _accumulation(ct, m)
@@ -208,7 +217,9 @@ def ghost_forward(
     return y, ctx
 
 
-def ghost_backward(grad_output: Any, ctx: GhostContext) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def ghost_backward(
+    grad_output: Any, ctx: GhostContext
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Batch norm's training backward per virtual batch; parameter gradients summed over them.
 
     With ``m`` values per (virtual batch, channel) and ``x_hat = (x - mean) * invstd``::
