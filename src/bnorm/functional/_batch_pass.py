@@ -1,7 +1,8 @@
 """Batch norm's training pass in two steps: the batch statistics, then the normalization with them.
 
 Batch renormalization needs the batch statistics *before* normalizing (r and d
-depend on them), then normalizes exactly as batch norm's training pass does.  :func:`batch_moments` returns the per-channel mean and biased variance
+depend on them), then normalizes exactly as batch norm's training pass does.
+:func:`batch_moments` returns the per-channel mean and biased variance
 (float64, shapes (C,)) of a ``(N, C, *S)`` input with channel axis `ax`;
 :func:`normalize_with` runs batch norm's single affine pass with them and
 returns a :class:`BatchNormContext` marked as batch statistics, so
