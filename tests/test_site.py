@@ -28,7 +28,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("pydata_sphinx_theme")
     out = tmp_path_factory.mktemp("site")
     build = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-q", "-W", "--keep-going", "-b", "html", str(ROOT / "docs"), str(out)],
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-q",
+            "-W",
+            "--keep-going",
+            "-b",
+            "html",
+            str(ROOT / "docs"),
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -159,7 +170,9 @@ def test_conventions_table_bnorm_column_visible_at_1280px(site: Path, tmp_path: 
         pytest.skip("no Chromium (Debian: apt-get install chromium)")
     page = site / "guide" / "conventions.html"
     probe = page.with_name("conventions-probe.html")  # beside it, so relative links resolve
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    probe.write_text(
+        page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8"
+    )
     flags = [
         "--headless",
         "--no-sandbox",
