@@ -205,3 +205,15 @@ def test_errors(rng):
     with pytest.raises(ValueError, match=r"grad_output must have the input's shape \(4, 3\), got \(2, 3\)"):
         layer(rng.normal(size=(4, 3)))
         layer.backward(np.zeros((2, 3)))
+
+
+def test_peak_memory(rng):
+    """Forward: the output only; backward: the output and one full-size x_hat (the textbook has more)."""
+    from test_memory import peak_extra
+
+    x = rng.standard_normal((64, 64, 14, 14), dtype=np.float32)
+    g = rng.standard_normal(x.shape, dtype=np.float32)
+    for split in ("contiguous", "strided"):
+        layer = bnorm.BatchNorm2d(64, virtual_batch_size=16, virtual_batch_split=split)
+        assert peak_extra(lambda layer=layer: layer(x)) <= 1.1 * x.nbytes, split
+        assert peak_extra(lambda layer=layer: layer.backward(g)) <= 2.1 * x.nbytes, split

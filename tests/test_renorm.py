@@ -473,3 +473,14 @@ def test_from_keras_weight_list_errors():
         ValueError, match=r"renorm_clipping keys must be among 'rmax', 'rmin', 'dmax', got \['r_max'\]"
     ):
         from_keras(w, renorm=True, renorm_clipping={"r_max": 3})
+
+
+def test_peak_memory_is_batch_norms(rng):
+    """Renorm adds only per-channel vectors to batch norm: no full-size temporaries."""
+    from test_memory import BOUND, SHAPE, peak_extra
+
+    x = rng.standard_normal(SHAPE, dtype=np.float32)
+    g = rng.standard_normal(x.shape, dtype=np.float32)
+    layer = bnorm.BatchRenorm2d(SHAPE[1], r_max=3, d_max=5)
+    assert peak_extra(lambda: layer(x)) <= BOUND * x.nbytes
+    assert peak_extra(lambda: layer.backward(g)) <= BOUND * x.nbytes
