@@ -217,3 +217,16 @@ def test_peak_memory(rng):
         layer = bnorm.BatchNorm2d(64, virtual_batch_size=16, virtual_batch_split=split)
         assert peak_extra(lambda layer=layer: layer(x)) <= 1.1 * x.nbytes, split
         assert peak_extra(lambda layer=layer: layer.backward(g)) <= 2.1 * x.nbytes, split
+
+
+def test_attributes_reset_later_are_checked(rng):
+    layer = bnorm.BatchNorm1d(3, virtual_batch_size=2)
+    layer.virtual_batch_size = -2
+    with pytest.raises(ValueError, match="virtual_batch_size must be a positive int, got -2"):
+        layer(rng.normal(size=(4, 3)))
+    layer.virtual_batch_size, layer.virtual_batch_split = 2, "interleaved"
+    with pytest.raises(ValueError, match="virtual_batch_split must be one of"):
+        layer(rng.normal(size=(4, 3)))
+    layer.virtual_batch_split = "strided"
+    assert layer(rng.normal(size=(4, 3))).shape == (4, 3)
+    assert int(layer.num_batches_tracked) == 1

@@ -457,6 +457,8 @@ class _BatchNormBase(Module):
     def _ghost_forward(self, arr: np.ndarray, mode: bool, count: int) -> np.ndarray:
         """Ghost batch norm: batch statistics per virtual batch (see `virtual_batch_size`)."""
         assert self.virtual_batch_size is not None
+        v = check_positive_int(self.virtual_batch_size, "virtual_batch_size")  # an attribute: may be reset
+        split = check_split(self.virtual_batch_split)
         if self._reducer() is not None:
             raise ValueError("virtual_batch_size is not supported with statistics merged across processes")
         x = as_float_input(arr, "input")
@@ -479,8 +481,8 @@ class _BatchNormBase(Module):
             self.eps,
             self.unbiased_running_var,
             self.on_nonfinite,
-            self.virtual_batch_size,
-            self.virtual_batch_split,
+            v,
+            split,
             count,
         )
         if tracking and (ctx.stats_updated or ctx.count == 0):

@@ -111,9 +111,9 @@ _DOC = inspect.cleandoc(
     with PyTorch's momentum (``r = (1 - 0.1) * r + 0.1 * b``) and eps 1e-5,
     channels-first.  ``convention="keras"``: decay 0.99, ``renorm_decay``
     0.99, eps 1e-3, channels-last -- Keras 3's algorithm step for step.
-    Neither the paper's warm-up nor Keras has a schedule built in: Keras'
-    ``renorm_clipping`` is fixed per layer, and here the limits are plain
-    attributes to set between steps.
+    The paper's warm-up (r_max from 1 to 3, d_max from 0 to 5) is a schedule
+    applied by hand: Keras builds none in (its ``renorm_clipping`` is fixed
+    per layer); here the limits are attributes to set between steps.
     """
 )
 
