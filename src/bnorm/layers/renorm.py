@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, records_explicit
+from .._validation import check_fraction
 from ..functional._batch_pass import absorbs
 from ..functional.batch_norm import BatchNormContext, batch_norm_backward, batch_norm_forward
 from ..functional.batch_renorm import (
@@ -189,9 +190,10 @@ class _BatchRenormBase(_BatchNormBase):
         if convention == "keras" and not {"renorm_momentum", "renorm_decay"} & explicit:
             renorm_decay = 0.99  # Keras' renorm_momentum default (a weight on the old value)
         renorm: RunningAverage | None = None
-        if renorm_momentum is not None or renorm_decay is not None:
-            renorm = RunningAverage.from_args(renorm_momentum, renorm_decay, allow_cumulative=False)
-            renorm = RunningAverage(renorm.momentum, renorm.decay)
+        if renorm_decay is not None:
+            renorm = RunningAverage(None, check_fraction(renorm_decay, "renorm_decay"))
+        elif renorm_momentum is not None:
+            renorm = RunningAverage(check_fraction(renorm_momentum, "renorm_momentum"), None)
         # The base resolves the preset, validates and creates weight, bias,
         # running_mean, running_var and the counter.
         super().__init__(
