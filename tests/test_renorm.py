@@ -435,6 +435,12 @@ def test_forward_errors(rng):
     assert int(layer.num_batches_tracked) == 0
     with pytest.raises(RuntimeError, match="backward called before forward"):
         bnorm.BatchRenorm(3).backward(np.zeros((2, 3)))
+    with pytest.raises(
+        TypeError, match="input must have a real floating, integer or bool dtype, got dtype complex128"
+    ):
+        bnorm.BatchRenorm(3)(np.zeros((2, 3), complex))
+    y = bnorm.BatchRenorm(3)(np.arange(6).reshape(2, 3))  # integers are promoted, as batch norm does
+    assert y.dtype == np.float64
 
 
 def test_functional_errors(rng):

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, records_explicit
-from .._validation import check_fraction
+from .._validation import as_float_input, check_fraction
 from ..functional._batch_pass import absorbs
 from ..functional.batch_norm import BatchNormContext, batch_norm_backward, batch_norm_forward
 from ..functional.batch_renorm import (
@@ -323,7 +323,7 @@ class _BatchRenormBase(_BatchNormBase):
         assert self.num_batches_tracked is not None
         separate = self.renorm_mean is not None and self.renorm_std is not None
         mu, sigma = (self.renorm_mean, self.renorm_std) if separate else (self.running_mean, self.running_std)
-        arrx = arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+        arrx = as_float_input(arr, "input")
         y, ctx = renorm_pass(arrx, ax, mu, sigma, self.weight, self.bias, self.eps, clipping)
         assert ctx.batch_mean is not None and ctx.batch_std is not None
         count = int(self.num_batches_tracked) + 1
