@@ -1,12 +1,11 @@
-"""A slow, obviously-correct float64 reference and a VJP gradient check.
+"""A slow, obviously-correct float64 reference.
 
 The reference moves the channel axis last, flattens the rest and applies the
-textbook formulas per channel with NumPy's float64 mean/var.
+textbook formulas per channel with NumPy's float64 mean/var.  Gradients are
+checked with :func:`bnorm.testing.check_grad`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 
@@ -39,26 +38,3 @@ def ref_forward(x, mean, var, gamma=None, beta=None, eps=1e-5, axis=1) -> np.nda
 def ref_train(x, gamma=None, beta=None, eps=1e-5, axis=1) -> np.ndarray:
     mean, var, _ = ref_batch_stats(x, axis)
     return ref_forward(x, mean, var, gamma, beta, eps, axis)
-
-
-def vjp_check(
-    f: Callable[..., np.ndarray],
-    args: list[np.ndarray],
-    grads: list[np.ndarray],
-    g: np.ndarray,
-    rng: np.random.Generator,
-    h: float = 1e-6,
-) -> tuple[float, float]:
-    """Compare <analytic grads, v> with the central difference of <g, f(args + t v)>.
-
-    One random direction v over all arguments at once (HIPS autograd's check):
-    returns (numeric, analytic) directional derivatives.
-    """
-    dirs = [rng.standard_normal(a.shape) for a in args]
-
-    def phi(t: float) -> float:
-        return float(np.sum(g * f(*[a + t * d for a, d in zip(args, dirs, strict=True)])))
-
-    numeric = (phi(h) - phi(-h)) / (2 * h)
-    analytic = float(sum(np.sum(gr * d) for gr, d in zip(grads, dirs, strict=True)))
-    return numeric, analytic
