@@ -75,7 +75,10 @@ _SECTIONS = inspect.cleandoc(
         batch statistics are taken per virtual batch of this many samples
         (axis 0), which must divide the batch size.  The running statistics
         absorb, once per step, the mean over the virtual batches of their
-        means and of their variances (as tf.keras).  None: the whole batch.
+        means and of their variances (as tf.keras; each variance unbiased over
+        its own ``v * prod(S)`` values when `unbiased_running_var`).
+        Evaluation with running statistics is plain batch norm, at any batch
+        size.  None: the whole batch.
     virtual_batch_split : {'contiguous', 'strided'}, default 'contiguous', keyword-only
         Which samples form virtual batch j of G: ``j*v ... (j+1)*v - 1``
         (contiguous chunks, as TabNet), or ``j, j + G, j + 2G, ...`` (strided:
