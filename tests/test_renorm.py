@@ -492,3 +492,17 @@ def test_peak_memory_is_batch_norms(rng):
     layer = bnorm.BatchRenorm2d(SHAPE[1], r_max=3, d_max=5)
     assert peak_extra(lambda: layer(x)) <= BOUND * x.nbytes
     assert peak_extra(lambda: layer.backward(g)) <= BOUND * x.nbytes
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 4), st.integers(0, 2**31))
+def test_unclipped_training_output_is_the_inference_output(n, c, seed):
+    """r * x_hat + d = (x - mu) / sigma: unclipped renorm trains on what inference computes."""
+    rng = np.random.default_rng(seed)
+    layer = bnorm.BatchRenorm1d(c, dtype=np.float64)
+    layer.weight[...], layer.bias[...] = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    for _ in range(3):
+        layer(rng.normal(size=(n, c)) * 2 + 1)
+    x = rng.normal(size=(n, c)) * 3 - 1
+    expected = layer(x, training=False)  # the moving statistics before the step
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-10, atol=1e-10)
