@@ -1,12 +1,20 @@
-"""Ghost batch norm against tf.keras ``BatchNormalization(virtual_batch_size=...)`` (skipped without tf_keras).
+"""Ghost batch norm and batch renormalization against tf.keras (skipped without tf_keras).
 
+Ghost batches: ``BatchNormalization(virtual_batch_size=...)``.
 tf.keras forms its virtual batches by reshaping the batch to ``(v, N / v, ...)``
 and reducing over the first axis, so virtual batch j holds samples ``j, j + G,
 j + 2G, ...``: bnorm's ``virtual_batch_split="strided"``.  Its moving averages
 absorb the mean of the virtual batches' means and of their biased variances
 (the non-fused path it takes with virtual batches), ``moving = moving * m +
 value * (1 - m)``.  TensorFlow computes in float32, so the match is at float32
-rounding.  Not installed in CI (TensorFlow is large); run locally with
+rounding.
+
+Batch renormalization: tf.keras's ``renorm=True`` is the algorithm Keras 3
+kept (r and d against ``renorm_mean``/``renorm_stddev`` floored at
+``sqrt(eps)``, ``moving_variance = relu(moving_stddev**2 - eps)``), so
+``BatchRenorm(convention="keras")`` matches it too.
+
+Not installed in CI (TensorFlow is large); run locally with
 ``pip install tensorflow-cpu tf_keras`` in a separate environment.
 """
 
@@ -69,3 +77,51 @@ def test_strided_split_matches_tf_keras(shape, v, axis):
         _close(layer.running_var, mv, "moving_variance")
     x = rng.normal(size=(2, *shape[1:])).astype(np.float32)
     _close(layer.eval()(x), kl(x, training=False).numpy(), "inference")
+
+
+@pytest.mark.parametrize("clipping", [{}, {"rmax": 1.4, "rmin": 0.8, "dmax": 0.3}])
+@pytest.mark.parametrize("shape,axis", [((8, 4), -1), ((4, 3, 3, 2), -1)])
+def test_renorm_matches_tf_keras(shape, axis, clipping):
+    rng = np.random.default_rng(1)
+    c = shape[axis]
+    kl = tf_keras.layers.BatchNormalization(
+        momentum=0.8, renorm=True, renorm_clipping=dict(clipping), renorm_momentum=0.7, axis=axis
+    )
+    kl.build(shape)
+    gamma, beta = rng.uniform(0.5, 2, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    kl.gamma.assign(gamma)
+    kl.beta.assign(beta)
+    layer = bnorm.BatchRenorm(
+        c,
+        convention="keras",
+        decay=0.8,
+        renorm_decay=0.7,
+        axis=axis,
+        r_max=clipping.get("rmax"),
+        r_min=clipping.get("rmin"),
+        d_max=clipping.get("dmax"),
+    )
+    layer.weight[...], layer.bias[...] = gamma, beta
+    names = {
+        "moving_mean": "running_mean",
+        "moving_variance": "running_var",
+        "moving_stddev": "running_std",
+        "renorm_mean": "renorm_mean",
+        "renorm_stddev": "renorm_std",
+    }
+    for step in range(4):
+        x = (rng.normal(size=shape) * (1 + step) + step).astype(np.float32)
+        u = rng.normal(size=shape).astype(np.float32)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            yk = kl(xt, training=True)
+            loss = tf.reduce_sum(yk * u)
+        gx, gg, gb = tape.gradient(loss, [xt, kl.gamma, kl.beta])
+        _close(layer(x), yk.numpy(), "output")
+        _close(layer.backward(u), gx.numpy(), "dx")
+        _close(layer.grad_weight, gg.numpy(), "dgamma")
+        _close(layer.grad_bias, gb.numpy(), "dbeta")
+        for var in kl.non_trainable_weights:
+            key = var.name.split("/")[-1].split(":")[0]
+            _close(getattr(layer, names[key]), var.numpy(), key)
