@@ -216,8 +216,7 @@ def check_grad(
         if a.size > 1 and np.all(a == a.flat[0]):
             warnings.warn(
                 f"check_grad: input {label!r} is constant (all {float(a.flat[0])!r}); "
-                "a backward that ignores "
-                "it or mishandles it can pass unnoticed -- check at random values",
+                "a backward that ignores or mishandles it can pass unnoticed -- check at random values",
                 UserWarning,
                 stacklevel=2,
             )
