@@ -8,7 +8,7 @@
 """
 
 from . import distributed, fold, functional, interop, preprocessing
-from ._conventions import CONVENTIONS, Convention
+from ._conventions import CONVENTIONS, Convention, MomentumConventionWarning
 from ._version import __version__
 from .functional._moments import num_threads, set_num_threads
 from .io import load, save
@@ -31,6 +31,7 @@ __all__ = [
     "functional",
     "CONVENTIONS",
     "Convention",
+    "MomentumConventionWarning",
     "Module",
     "BatchNorm",
     "BatchNorm1d",

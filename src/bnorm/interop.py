@@ -96,7 +96,7 @@ def from_torch(module_or_state_dict: Any) -> _BatchNormBase:
     ...          "num_batches_tracked": np.array(12)}
     >>> bn = from_torch(state)
     >>> bn
-    BatchNorm(2, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, dtype=float64)
+    BatchNorm(2, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True, dtype=float64)
     >>> bn.running_var, int(bn.num_batches_tracked)
     (array([4., 9.]), 12)
     """
@@ -196,7 +196,7 @@ def from_keras(
     ...      np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)]  # moving mean, variance
     >>> bn = from_keras(w)
     >>> bn  # doctest: +NORMALIZE_WHITESPACE
-    BatchNorm(3, eps=0.001, decay=0.99, affine=True, track_running_stats=True,
+    BatchNorm(3, eps=0.001, decay=0.99, affine=True, bias=True, track_running_stats=True,
               axis=-1, unbiased_running_var=False)
     >>> [a.tolist() for a in to_keras_weights(bn)][2:]
     [[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]]

@@ -202,7 +202,7 @@ def save(path: PathLike, obj: Any) -> None:
     ['__bnorm__', 'extra/step', 'stem/bn/bias']
     >>> back = bnorm.load(path)
     >>> back["stem"]["bn"], back["stem"]["bn"].training, int(back["extra"]["step"])
-    (BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True), False, 7)
+    (BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True), False, 7)
     """
     if not isinstance(obj, (Module, Mapping)):
         raise TypeError(
@@ -370,7 +370,7 @@ def load(path: PathLike, *, rebuild: bool = True) -> Any:
     >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]]))
     >>> bnorm.save(path, bn)
     >>> bnorm.load(path)
-    BatchNorm1d(2, eps=1e-05, momentum=None, affine=True, track_running_stats=True, dtype=float64)
+    BatchNorm1d(2, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True, dtype=float64)
     >>> bnorm.load(path, rebuild=False)["running_var"]
     array([ 4., 16.])
     """
