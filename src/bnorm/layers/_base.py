@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -50,11 +49,16 @@ def _sub_state(state: Mapping[str, Any], prefix: Any, owner: str) -> dict[str, A
     return sub
 
 
-@functools.cache
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 def _init_signature(cls: type) -> inspect.Signature:
     """``cls.__init__``'s signature without ``self`` (computed once per class)."""
-    sig = inspect.signature(cls.__init__)
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        full = inspect.signature(cls.__init__)  # type: ignore[misc]
+        sig = _SIGNATURES[cls] = full.replace(parameters=list(full.parameters.values())[1:])
+    return sig
 
 
 class Module:

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import check_momentum
-from .._validation import check_bool, check_eps, check_fraction, check_positive_int, describe
+from .._validation import check_bool, check_eps, check_positive_int
 from ..functional.group_norm import (
     check_num_groups,
     group_norm_backward,
