@@ -316,8 +316,15 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``bnorm demo: error: ... (see bnorm demo --help)``."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bnorm", description="bnorm: batch normalization in pure NumPy.")
+    parser = _Parser(prog="bnorm", description="bnorm: batch normalization in pure NumPy.")
     parser.add_argument("--version", action="version", version=f"bnorm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
