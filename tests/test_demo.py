@@ -659,6 +659,7 @@ def test_cli_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixt
     captured = capsys.readouterr()
     assert message in captured.err
     assert "step/s" not in captured.err and "Traceback" not in captured.err  # before the progress bar
+    assert captured.err.count("\n") == 1  # one line, usage errors from argparse included
 
 
 @needs_extras
