@@ -264,3 +264,21 @@ def test_from_keras_other_layer_is_a_type_error_naming_it(keras):
         ),
     ):
         from_keras(keras.layers.Dense(2))
+
+
+def test_from_torch_inconsistent_module_does_not_suggest_strict_false():
+    class BatchNorm1d:  # duck-typed: says it tracks statistics, but its state dict has none
+        num_features, eps, momentum, affine, track_running_stats, training = 2, 1e-5, 0.1, True, True, True
+
+        def state_dict(self):
+            return {"weight": np.ones(2), "bias": np.zeros(2)}
+
+    with pytest.raises(
+        bnorm.layers._base.StateDictKeyError,
+        match=re.escape(
+            "the state dict of the BatchNorm1d does not match the configuration its attributes describe: "
+            "missing keys ['running_mean', 'running_var'], unexpected keys []"
+        ),
+    ) as info:
+        from_torch(BatchNorm1d())
+    assert "strict=False" not in str(info.value)

@@ -77,20 +77,17 @@ def _torch_builder(module: Any) -> Callable[[Any, np.dtype[Any], bool], Module] 
     """How to build the bnorm layer for a torch norm module (from its class name), or None."""
     name = type(module).__name__
     bn, inorm = _TORCH_BN.match(name), _TORCH_IN.match(name)
-    if bn is not None or name == "SyncBatchNorm":
-        cls = BatchNorm if bn is None else _BY_RANK[bn.group(1)]
-        return lambda m, dt, has_bias: cls(
-            int(m.num_features),
-            eps=float(m.eps),
-            momentum=None if m.momentum is None else float(m.momentum),
-            affine=bool(m.affine),
-            track_running_stats=bool(m.track_running_stats),
-            bias=has_bias,
-            dtype=dt,
-        )
-    if inorm is not None:
-        in_cls = _IN_BY_RANK[inorm.group(1)]
-        return lambda m, dt, has_bias: in_cls(
+    # batch and instance norm share the arguments of PyTorch's _NormBase
+    cls: Callable[..., Module] | None = None
+    if bn is not None:
+        cls = _BY_RANK[bn.group(1)]
+    elif inorm is not None:
+        cls = _IN_BY_RANK[inorm.group(1)]
+    elif name == "SyncBatchNorm":
+        cls = BatchNorm
+    if cls is not None:
+        norm_cls = cls
+        return lambda m, dt, has_bias: norm_cls(
             int(m.num_features),
             eps=float(m.eps),
             momentum=None if m.momentum is None else float(m.momentum),
@@ -123,7 +120,13 @@ def _torch_layer(module: Any, build: Callable[[Any, np.dtype[Any], bool], Module
     state = _torch_state(module)
     # torch's bias=False registers no bias: the state dict, not an attribute, says (duck-typed modules too)
     layer = build(module, _float_dtype(list(state.values())), "bias" in state)
-    layer.load_state_dict(state, strict=True)
+    # Not strict=True: its message suggests a strict=False that from_torch does not take.
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StateDictKeyError(
+            f"the state dict of the {type(module).__name__} does not match the configuration its "
+            f"attributes describe: missing keys {missing}, unexpected keys {unexpected}"
+        )
     layer.train(bool(getattr(module, "training", True)))
     return layer
 
