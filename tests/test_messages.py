@@ -278,3 +278,37 @@ def test_load_state_dict_prefix_must_be_a_str():
         TypeError, match=re.escape("prefix must be a str such as '1.' or 'features.3.', got int")
     ):
         bnorm.BatchNorm1d(3).load_state_dict({"1.weight": np.ones(3)}, prefix=1)  # type: ignore[arg-type]
+
+
+def test_no_momentum_warning_where_the_value_is_pytorch_s_by_construction(tmp_path):
+    with pytest.warns(bnorm.MomentumConventionWarning):
+        bn = bnorm.BatchNorm1d(3, momentum=0.9)  # the one warning, where the user wrote it
+    bnorm.save(tmp_path / "m.npz", bn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bnorm.load(tmp_path / "m.npz").momentum == 0.9
+        sync = bnorm.SyncBatchNorm.from_batch_norm(bn)
+        assert sync.to_batch_norm().momentum == 0.9
+        state = {
+            "weight": np.ones(3),
+            "bias": np.zeros(3),
+            "running_mean": np.zeros(3),
+            "running_var": np.ones(3),
+        }
+
+        class BatchNorm1d:  # a duck-typed PyTorch module with momentum 0.9
+            num_features, eps, momentum, affine, track_running_stats, training = (
+                3,
+                1e-5,
+                0.9,
+                True,
+                True,
+                True,
+            )
+
+            def state_dict(self):
+                return state
+
+        assert bnorm.interop.from_torch(BatchNorm1d()).momentum == 0.9
+    with pytest.warns(bnorm.MomentumConventionWarning):  # and the check is back on afterwards
+        bnorm.BatchNorm1d(3, momentum=0.9)

@@ -15,9 +15,11 @@ its own form, so results agree with the framework number for number.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ __all__ = [
     "MomentumConventionWarning",
     "RunningAverage",
     "check_momentum",
+    "deliberate_momentum",
     "resolve_layer_convention",
     "records_explicit",
 ]
@@ -48,7 +51,29 @@ class MomentumConventionWarning(UserWarning):
 
     It is a UserWarning, so Python's default filter shows it once per calling
     line: a layer built in a loop warns once, a second mistaken line warns again.
+    (Once per process would hide the second line, and would make the warning
+    depend on what ran before.)  Where the value is PyTorch's by construction --
+    :func:`bnorm.interop.from_torch`, :func:`bnorm.load`, conversions between
+    bnorm layers -- there is no warning.
     """
+
+
+_WARN_DECAY_LOOK = contextvars.ContextVar("bnorm_warn_decay_look", default=True)
+
+
+@contextlib.contextmanager
+def deliberate_momentum() -> Iterator[None]:
+    """Build layers whose momentum is PyTorch's by construction, without the warning.
+
+    For :func:`bnorm.interop.from_torch` (the value comes from a PyTorch
+    module), :func:`bnorm.load` (the layer was built, and warned about, when it
+    was saved) and conversions between bnorm layers.
+    """
+    token = _WARN_DECAY_LOOK.set(False)
+    try:
+        yield
+    finally:
+        _WARN_DECAY_LOOK.reset(token)
 
 
 def check_momentum(value: Any, name: str = "momentum", *, allow_none: bool = True) -> float | None:
@@ -59,7 +84,7 @@ def check_momentum(value: Any, name: str = "momentum", *, allow_none: bool = Tru
     written where PyTorch's convention is meant.
     """
     v = check_fraction(value, name, allow_none=allow_none)
-    if v is not None and 0.5 < v < 1.0:
+    if v is not None and 0.5 < v < 1.0 and _WARN_DECAY_LOOK.get():
         warn_caller(
             f"{name}={value!r} looks like a Keras/TensorFlow momentum (the weight on the old value); "
             f"bnorm's {name} is PyTorch's weight on the new batch, so the running statistics would "

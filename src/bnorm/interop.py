@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._conventions import deliberate_momentum
 from ._convert import to_numpy
 from ._validation import warn_caller
 from .layers import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, Module
@@ -119,7 +120,8 @@ def _torch_builder(module: Any) -> Callable[[Any, np.dtype[Any], bool], Module] 
 def _torch_layer(module: Any, build: Callable[[Any, np.dtype[Any], bool], Module]) -> Module:
     state = _torch_state(module)
     # torch's bias=False registers no bias: the state dict, not an attribute, says (duck-typed modules too)
-    layer = build(module, _float_dtype(list(state.values())), "bias" in state)
+    with deliberate_momentum():  # a PyTorch module's momentum is PyTorch's
+        layer = build(module, _float_dtype(list(state.values())), "bias" in state)
     # Not strict=True: its message suggests a strict=False that from_torch does not take.
     missing, unexpected = layer.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ._conventions import deliberate_momentum
 from ._convert import to_numpy
 from .layers._base import Module
 
@@ -279,7 +280,8 @@ class _Reader:
             )
         cls = classes[name]
         try:
-            layer = cls(**config)
+            with deliberate_momentum():  # warned about when it was built, not again on load
+                layer = cls(**config)
         except (TypeError, ValueError) as err:
             raise ValueError(
                 f"{self.path}: cannot rebuild the {name} at {where} from its saved arguments ({err}); "

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from .._conventions import records_explicit
+from .._conventions import deliberate_momentum, records_explicit
 from .._validation import describe
 from ..distributed import MPIStatsReducer, allreduce_grads, check_comm
 from ..functional.batch_norm import NonFinitePolicy, StatsReducer
@@ -181,7 +181,8 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         """
         if not isinstance(layer, _BatchNormBase):
             raise TypeError(f"layer must be a bnorm batch-norm layer, got {describe(layer)}")
-        new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
+        with deliberate_momentum():  # the layer's own momentum, not a new spelling
+            new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
         _copy_state(layer, new)
         return new
 
@@ -198,7 +199,8 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         >>> bnorm.SyncBatchNorm(4, momentum=None).to_batch_norm()
         BatchNorm(4, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True)
         """
-        new = BatchNorm(self.num_features, **_state_kwargs(self))
+        with deliberate_momentum():
+            new = BatchNorm(self.num_features, **_state_kwargs(self))
         _copy_state(self, new)
         return new
 
