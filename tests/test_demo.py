@@ -814,3 +814,16 @@ def test_cli_json_is_deterministic(tmp_path: Path, model: str) -> None:
         texts.append(path.read_text())
     assert texts[0] == texts[1]
     _assert_schema(json.loads(texts[0]), 12)
+
+
+@needs_extras
+def test_cli_cnn_image_size_is_checked_before_training(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _fake_mnist(tmp_path / "m.npz", rng, n_train=60, n_test=10, size=10)
+    assert main(["demo", "--model", "cnn", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "bnorm demo: --model cnn needs images whose height and width are divisible by 4 (two 2x2 "
+        f"poolings), got 10x10 from {data}; use --model mlp\n"
+    )

@@ -254,6 +254,11 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--batch-size must be at most the {len(data.y_train)} training images, got {args.batch_size}"
         )
+    if args.model == "cnn" and any(d % 4 for d in data.image_shape):
+        raise UsageError(
+            f"--model cnn needs images whose height and width are divisible by 4 (two 2x2 poolings), "
+            f"got {data.image_shape[0]}x{data.image_shape[1]} from {args.data}; use --model mlp"
+        )
     out = _writable_dir(args.out, "--out")
     json_path = _writable_file(
         os.path.join(out, json_name(args.model)) if args.json is None else args.json, "--json"
@@ -269,16 +274,19 @@ def _demo(args: argparse.Namespace) -> int:
         disable=args.no_progress,
         leave=False,
     ) as bar:
-        result = run_experiment(
-            args.model,
-            steps=steps,
-            lr=args.lr,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            data=data,
-            target=args.target,
-            progress=bar.update,
-        )
+        try:
+            result = run_experiment(
+                args.model,
+                steps=steps,
+                lr=args.lr,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                data=data,
+                target=args.target,
+                progress=bar.update,
+            )
+        except ValueError as exc:  # every value was checked above; this is a safety net
+            raise UsageError(str(exc)) from None
     try:
         png = plot_figure(result, os.path.join(out, figure_name(args.model)))
         written_json = write_json(result, json_path)
