@@ -187,7 +187,9 @@ class Module:
         ------
         StateDictKeyError
             In strict mode, naming every missing and every unexpected key (a
-            subclass of KeyError, ValueError and RuntimeError).
+            subclass of KeyError, ValueError and RuntimeError); with `prefix`,
+            in either mode, when no key starts with it (the message lists the
+            prefixes the state holds).
         ValueError
             If a value's shape differs from the layer's (the message names the
             key), or ``num_batches_tracked`` is not a non-negative integer.
