@@ -216,7 +216,7 @@ def _draw(result: ExperimentResult, fig: Any) -> Any:
                 lw=1.8 if q == 50 else 1.2,
                 label="median" if q == 50 else f"{q:g}th",
             )
-        ax.legend(loc="upper left", fontsize=9, ncols=3)
+        ax.legend(loc="upper left", fontsize=9, ncol=3)  # ncol: matplotlib < 3.6 too
         ax.set(
             xscale="log",
             xlabel="training steps",
