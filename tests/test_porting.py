@@ -282,3 +282,20 @@ def test_from_torch_inconsistent_module_does_not_suggest_strict_false():
     ) as info:
         from_torch(BatchNorm1d())
     assert "strict=False" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda nn: nn.InstanceNorm2d(4),
+        lambda nn: nn.InstanceNorm1d(4, affine=True, bias=False, track_running_stats=True),
+        lambda nn: nn.GroupNorm(2, 4),
+        lambda nn: nn.GroupNorm(2, 4, bias=False),
+        lambda nn: nn.LayerNorm(4, bias=False),
+    ],
+)
+def test_the_other_norms_repr_and_convert_as_torch(make):
+    ref = make(torch.nn)
+    assert repr(make(bnorm)) == repr(ref)
+    converted = from_torch(ref)
+    assert repr(converted) == repr(ref) and list(converted.state_dict()) == list(ref.state_dict())

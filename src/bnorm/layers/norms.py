@@ -260,7 +260,10 @@ class GroupNorm(_NormLayer):
 
     def extra_repr(self) -> str:
         """The arguments shown by ``repr``."""
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps!r}, affine={self.affine}"
+        return (  # PyTorch 2.13's: bias is whether a bias array exists
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps!r}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class _InstanceNorm(_NormLayer):
@@ -420,7 +423,7 @@ class _InstanceNorm(_NormLayer):
         """The arguments shown by ``repr``."""
         return (
             f"{self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
 
