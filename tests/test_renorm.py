@@ -506,3 +506,13 @@ def test_unclipped_training_output_is_the_inference_output(n, c, seed):
     x = rng.normal(size=(n, c)) * 3 - 1
     expected = layer(x, training=False)  # the moving statistics before the step
     np.testing.assert_allclose(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_keras_renorm_momentum_written_as_renorm_momentum_warns():
+    with pytest.warns(
+        bnorm.MomentumConventionWarning, match=r"write renorm_decay=0\.99 \(or renorm_momentum=0\.01\)"
+    ):
+        layer = bnorm.BatchRenorm(3, renorm_momentum=0.99)
+    assert layer.renorm_momentum == 0.99
+    with pytest.warns(bnorm.MomentumConventionWarning, match=r"write decay=0\.9 \(or momentum=0\.1\)"):
+        bnorm.BatchRenorm(3, momentum=0.9)

@@ -16,7 +16,7 @@ from . import (
     preprocessing,
     testing,
 )
-from ._conventions import CONVENTIONS, Convention
+from ._conventions import CONVENTIONS, Convention, MomentumConventionWarning
 from ._version import __version__
 from .functional._moments import num_threads, set_num_threads
 from .io import load, save
@@ -43,6 +43,7 @@ __all__ = [
     "functional",
     "CONVENTIONS",
     "Convention",
+    "MomentumConventionWarning",
     "Module",
     "BatchNorm",
     "BatchNorm1d",

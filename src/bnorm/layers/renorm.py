@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from .._conventions import RunningAverage, records_explicit
+from .._conventions import RunningAverage, check_momentum, records_explicit
 from .._validation import as_float_input, check_fraction
 from ..functional._batch_pass import absorbs
 from ..functional.batch_norm import BatchNormContext, batch_norm_backward, batch_norm_forward
@@ -192,8 +192,10 @@ class _BatchRenormBase(_BatchNormBase):
         renorm: RunningAverage | None = None
         if renorm_decay is not None:
             renorm = RunningAverage(None, check_fraction(renorm_decay, "renorm_decay"))
-        elif renorm_momentum is not None:
-            renorm = RunningAverage(check_fraction(renorm_momentum, "renorm_momentum"), None)
+        elif renorm_momentum is not None:  # warns where it looks like Keras' renorm_momentum=0.99
+            renorm = RunningAverage(
+                check_momentum(renorm_momentum, "renorm_momentum", allow_none=False), None
+            )
         # The base resolves the preset, validates and creates weight, bias,
         # running_mean, running_var and the counter.
         super().__init__(
