@@ -155,3 +155,18 @@ def test_from_keras_reads_every_variable_and_continues_training():
     k2.set_weights(to_keras_weights(layer))
     x = rng.normal(size=(5, 4)).astype(np.float32)
     _close(layer(x), keras.ops.convert_to_numpy(k2(x, training=True)), "output after set_weights")
+
+
+def test_from_keras_model_converts_renorm_layers():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(renorm=True, renorm_clipping={"rmax": 2.0}, name="brn"),
+            keras.layers.BatchNormalization(name="bn"),
+        ]
+    )
+    layers = from_keras(model)
+    assert list(layers) == ["brn", "bn"]
+    assert isinstance(layers["brn"], bnorm.BatchRenorm) and layers["brn"].r_max == 2.0
+    assert type(layers["bn"]) is bnorm.BatchNorm
