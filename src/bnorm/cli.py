@@ -1,8 +1,10 @@
-"""The ``bnorm`` command line: ``bnorm demo`` (also ``python -m bnorm demo``).
+"""The ``bnorm`` command line: ``bnorm demo`` and ``bnorm stats`` (also ``python -m bnorm ...``).
 
 ``bnorm demo`` trains a network with and without batch normalization on the
 same data and prints when each reaches a target accuracy -- Figure 1 of Ioffe &
-Szegedy (2015); see :mod:`bnorm.demo` and docs/demo.md.
+Szegedy (2015); see :mod:`bnorm.demo` and docs/demo.md.  ``bnorm stats PATH``
+prints the exact per-channel statistics of a dataset on disk; see
+:mod:`bnorm.stats` and docs/stats-cli.md.
 """
 
 from __future__ import annotations
@@ -130,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         help='also write {"bn": {"steps", "test_accuracy", "percentiles"}, "plain": {...}} to PATH',
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .stats.command import add_parser as add_stats_parser
+
+    add_stats_parser(sub)
     return parser
 
 
@@ -223,5 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "stats":
+        from .stats.command import run as run_stats
+
+        return run_stats(args)
     parser.print_help(sys.stderr)
     return 2
