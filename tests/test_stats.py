@@ -172,7 +172,9 @@ def test_per_pixel_images(tmp_path: Path, rng: np.random.Generator) -> None:
     np.testing.assert_allclose(s.pixel_std, stack.std(axis=0, ddof=1), rtol=1e-12)
     assert_stats(s, expected(pixels, ddof=1))
     Image.fromarray(pixels[0][:2]).save(tmp_path / "z.png")
-    with pytest.raises(DataError, match=r"--per-pixel needs images of one size: .*0\.png is 3x4, .*z\.png is 2x4"):
+    with pytest.raises(
+        DataError, match=r"--per-pixel needs images of one size: .*0\.png is 3x4, .*z\.png is 2x4"
+    ):
         compute(str(tmp_path), per_pixel=True)
     tried = compute(str(tmp_path), per_pixel="try")
     assert tried.pixel_mean is None and "different sizes" in (tried.pixel_note or "")
@@ -224,7 +226,10 @@ def test_npz_members_streamed_in_chunks(tmp_path: Path, rng: np.random.Generator
 
 def test_layout_guess_and_errors(tmp_path: Path) -> None:
     np.save(tmp_path / "amb.npy", np.zeros((2, 3, 5, 3), np.uint8))
-    with pytest.raises(UsageError, match=r"amb\.npy has shape \(2, 3, 5, 3\): the channel axis is not clear; pass --layout NHWC"):
+    with pytest.raises(
+        UsageError,
+        match=r"amb\.npy has shape \(2, 3, 5, 3\): the channel axis is not clear; pass --layout NHWC",
+    ):
         compute(str(tmp_path / "amb.npy"))
     assert compute(str(tmp_path / "amb.npy"), layout="NCHW").num_channels == 3
     np.save(tmp_path / "hwc.npy", np.zeros((8, 8, 3), np.uint8))
