@@ -9,16 +9,16 @@ in the environment, with more than one process) the files are sharded over
 ``MPI.COMM_WORLD``; only rank 0 prints and writes, and every rank exits with
 rank 0's status.
 
-Exit status
------------
-0   statistics computed (files that could not be read are listed and counted)
-1   an optional package is missing: Pillow for images, matplotlib for --figure,
-    mpi4py under mpiexec (the message says what to install)
-2   usage: a bad option, a path that does not exist, an array whose layout or
-    scale must be given, an output that cannot be written
-3   the data cannot give statistics: nothing readable, mixed channel counts,
-    different sizes with --per-pixel, an unreadable file with --strict
-130 interrupted (Ctrl-C)
+Exit statuses (:data:`EXIT_OK` ...):
+
+* 0 -- statistics computed (files that could not be read are listed and counted);
+* 1 -- an optional package is missing: Pillow for images, matplotlib for
+  ``--figure``, mpi4py under mpiexec (the message says what to install);
+* 2 -- usage: a bad option, a path that does not exist, an array whose layout
+  or scale must be given, an output that cannot be written;
+* 3 -- the data cannot give statistics: nothing readable, mixed channel counts,
+  different sizes with ``--per-pixel``, an unreadable file with ``--strict``;
+* 130 -- interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

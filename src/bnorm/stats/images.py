@@ -3,18 +3,17 @@
 Pillow is the optional extra ``bnorm[images]``; it is imported on first use
 and :data:`PILLOW_HINT` says what to install when it is missing.
 
-How each Pillow mode becomes channels (``--channels``; default: the file's own)
-------------------------------------------------------------------------------
-=====================  ===================  ====================  ===========
-mode                   default              rgb / bgr             gray
-=====================  ===================  ====================  ===========
-L, 1 (bilevel: 0/255)  1 channel            L replicated 3 times  as is
-LA                     1 (alpha dropped)    L replicated          L
-I;16 (16-bit gray)     1, value / 65535     replicated, 16 bits   as is
-I (32-bit), F (float)  1, value as stored   replicated            as is
-RGB, RGBA, P, PA,      3: Pillow's          as is (bgr: reversed) Pillow's
-CMYK, YCbCr, ...       ``convert("RGB")``                         ``convert("L")``
-=====================  ===================  ====================  ===========
+How each Pillow mode becomes channels (``--channels``; default: the file's own):
+
+* ``L`` and ``1`` (bilevel, 0 or 255): 1 channel; ``rgb``/``bgr`` replicate it
+  3 times;
+* ``LA``: 1 channel, alpha dropped;
+* ``I;16`` (16-bit gray): 1 channel, value / 65535; ``rgb``/``bgr`` replicate
+  it at 16 bits;
+* ``I`` (32-bit) and ``F`` (float): 1 channel, the value as stored;
+* every other mode (``RGB``, ``RGBA``, ``P``, ``PA``, ``CMYK``, ``YCbCr``, ...):
+  3 channels by Pillow's ``convert("RGB")`` (``bgr``: reversed), or 1 by
+  ``convert("L")`` with ``gray``.
 
 ``convert("RGB")`` drops alpha without compositing and looks palettes up;
 ``convert("L")`` is ITU-R BT.601 luma rounded to 8 bits -- what torchvision's
