@@ -52,9 +52,7 @@ def run_stats(faces: np.ndarray, work: str, figure: str) -> str:
     np.save(path, faces)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = bnorm_main(
-            ["stats", path, "--per-pixel", "--out", work, "--figure", figure, "--no-progress"]
-        )
+        code = bnorm_main(["stats", path, "--per-pixel", "--out", work, "--figure", figure, "--no-progress"])
     if code != 0:
         raise SystemExit(f"bnorm stats failed with status {code}")
     return out.getvalue().split("\n\nmean_npy:")[0] + "\n"
@@ -84,6 +82,7 @@ def faces_figure(faces: np.ndarray, mean: np.ndarray, std: np.ndarray, path: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the two PNGs into ``--out`` (default docs/_static) and print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "_static"), help="folder for the two PNGs")
     args = parser.parse_args(argv)
