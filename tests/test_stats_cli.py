@@ -185,7 +185,7 @@ def test_per_pixel_outputs_and_figure(tmp_path: Path, rng: np.random.Generator, 
     outputs = json.loads((tmp_path / "s.json").read_text())["outputs"]
     assert set(outputs) == {"mean_npy", "std_npy", "mean_png", "std_png", "figure"}
     assert f"figure: {fig}" in out
-    assert not [p for p in os.listdir(out_dir) if p.startswith(".bnorm-stats-")]  # no temporary left
+    assert not [p for p in os.listdir(out_dir) if p.startswith(".bnorm-")]  # no temporary left
 
 
 def _stand_in_transforms() -> Any:

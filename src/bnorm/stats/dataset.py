@@ -250,7 +250,7 @@ def compute(
     >>> np.save(os.path.join(folder, "x.npy"), np.array([[[0, 255]], [[51, 102]]], dtype=np.uint8))
     >>> s = compute(folder)
     >>> s.images, s.pixels, s.mean.round(4).tolist(), s.std.round(4).tolist()
-    (2, 4, [0.4], [0.3808])
+    (2, 4, [0.4], [0.3742])
     """
     path_list = [paths] if isinstance(paths, str) else list(paths)
     if not path_list:

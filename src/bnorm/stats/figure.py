@@ -17,12 +17,11 @@ both come from one pass over the data.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+from ..demo.report import _atomic_write as atomic_write
 from .dataset import DatasetStats
 
 __all__ = ["FIGURE_HINT", "write_pixel_images", "write_figure", "display_images"]
@@ -31,20 +30,6 @@ __all__ = ["FIGURE_HINT", "write_pixel_images", "write_figure", "display_images"
 FIGURE_HINT = 'pip install matplotlib  (or the demo extras: pip install "bnorm[demo]")'
 
 _COLOURS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "gray": "black"}
-
-
-def _atomic(path: str, write: Callable[[str], None], suffix: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bnorm-stats-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def display_images(stats: DatasetStats) -> tuple[np.ndarray, np.ndarray]:
@@ -74,15 +59,14 @@ def write_pixel_images(stats: DatasetStats, out: str) -> dict[str, str]:
     mean8, std8 = display_images(stats)
     for name, arr, img in (("mean", stats.pixel_mean, mean8), ("std", stats.pixel_std, std8)):
 
-        def save_npy(p: str, a: np.ndarray = arr) -> None:
-            with open(p, "wb") as f:  # a file object: np.save would append ".npy" to the name
-                np.save(f, a, allow_pickle=False)
+        def save_npy(f: IO[bytes], a: np.ndarray = arr) -> None:
+            np.save(f, a, allow_pickle=False)
 
-        def save_png(p: str, i: np.ndarray = img) -> None:
-            Image.fromarray(i).save(p, format="PNG")
+        def save_png(f: IO[bytes], i: np.ndarray = img) -> None:
+            Image.fromarray(i).save(f, format="PNG")
 
-        written[f"{name}_npy"] = _atomic(os.path.join(out, f"{name}.npy"), save_npy, ".npy")
-        written[f"{name}_png"] = _atomic(os.path.join(out, f"{name}.png"), save_png, ".png")
+        written[f"{name}_npy"] = atomic_write(os.path.join(out, f"{name}.npy"), save_npy)
+        written[f"{name}_png"] = atomic_write(os.path.join(out, f"{name}.png"), save_png)
     return written
 
 
@@ -134,7 +118,7 @@ def write_figure(stats: DatasetStats, path: str, title: str | None = None) -> st
     size = f"{stats.image_size[0]}x{stats.image_size[1]}" if stats.image_size else "several sizes"
     fig.suptitle(title or f"bnorm stats: {stats.images:,} images ({size})", fontsize=11)
     try:
-        _atomic(path, lambda p: fig.savefig(p, dpi=150, format="png"), ".png")
+        atomic_write(path, lambda f: fig.savefig(f, dpi=150, format="png"))
     finally:
         plt.close(fig)
     return path

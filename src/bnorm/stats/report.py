@@ -26,14 +26,13 @@ number of MPI ranks.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from .._version import __version__
+from ..demo.report import _atomic_write as atomic_write
 from .dataset import DatasetStats
 
 __all__ = ["SCHEMA", "float32_text", "paste_lines", "warnings_of", "summary", "to_json", "write_json"]
@@ -51,7 +50,9 @@ def float32_text(v: float) -> str:
     Examples
     --------
     >>> float32_text(0.49139968031590507)
-    '0.4913997'
+    '0.49139968'
+    >>> float32_text(0.2)
+    '0.2'
     """
     return np.format_float_positional(np.float32(v), unique=True, trim="-")
 
@@ -176,15 +177,9 @@ def to_json(
 
 def write_json(data: Mapping[str, Any], path: str) -> str:
     """Write `data` to `path` atomically (a temporary file in the same folder, then a rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bnorm-stats-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(text)
+
+    return atomic_write(path, write)
