@@ -75,15 +75,15 @@ class Partial:
     images: int = 0
     shape: tuple[int, int, int] = (0, 0, 0)
     mode: str = ""
-    channel: RunningStats = field(default_factory=lambda: RunningStats(axis=3))
+    channel: RunningStats = field(default_factory=lambda: RunningStats(axis=1))
     pixel: RunningStats | None = None
     lo: np.ndarray | None = None
     hi: np.ndarray | None = None
     hist: np.ndarray | None = None
 
     def add(self, x: np.ndarray, mode: str, opts: Options) -> None:
-        """Absorb a float64 batch `x` ``(k, H, W, C)`` of this task."""
-        k, h, w, c = x.shape
+        """Absorb a float64 batch `x` ``(k, C, H, W)`` of this task."""
+        k, c, h, w = x.shape
         if self.images and self.shape[2] != c:  # chunks of one array always agree
             raise DataError(f"{self.name}: chunks with {self.shape[2]} and {c} channels")
         self.images += k
@@ -94,7 +94,7 @@ class Partial:
             if self.pixel is None:
                 self.pixel = RunningStats(axis=(1, 2, 3))
             self.pixel.update(x)
-        lo, hi = x.min(axis=(0, 1, 2)), x.max(axis=(0, 1, 2))
+        lo, hi = x.min(axis=(0, 2, 3)), x.max(axis=(0, 2, 3))
         self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
         if opts.histograms:
@@ -104,14 +104,15 @@ class Partial:
 
 def _histogram(x: np.ndarray) -> np.ndarray:
     """Counts per channel of the levels ``round(255 x)`` (bin 0: below 0, bin 257: above 1)."""
-    c = x.shape[3]
-    level = np.clip(np.floor(x.reshape(-1, c) * 255.0 + 0.5), -1, 256).astype(np.int64) + 1
-    level += np.arange(c, dtype=np.int64) * HIST_BINS
-    return np.bincount(level.ravel(), minlength=c * HIST_BINS).reshape(c, HIST_BINS)
+    hist = np.empty((x.shape[1], HIST_BINS), dtype=np.int64)
+    for c in range(x.shape[1]):
+        level = np.clip(np.floor(x[:, c] * 255.0 + 0.5), -1, 256).astype(np.int64) + 1
+        hist[c] = np.bincount(level.ravel(), minlength=HIST_BINS)
+    return hist
 
 
 def _batches(task: Task, opts: Options) -> Iterator[tuple[np.ndarray, str]]:
-    """The task's pixels, float64 ``(k, H, W, C)`` on the [0, 1] scale, and the mode to report."""
+    """The task's pixels, float64 ``(k, C, H, W)`` on the [0, 1] scale, and the mode to report."""
     if task.kind == "image":
         x, mode = read_image(task.path, opts.channels, opts.resize, opts.max_value)
         if opts.center_crop is not None:
@@ -228,7 +229,7 @@ class Fold:
     def __init__(self, per_pixel: str = "no", strict: bool = False) -> None:
         self.per_pixel = per_pixel
         self.strict = strict
-        self.channel = RunningStats(axis=3)
+        self.channel = RunningStats(axis=1)
         self.pixel: RunningStats | None = None
         self.pixel_note: str | None = None
         self.images = 0

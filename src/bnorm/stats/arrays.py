@@ -10,7 +10,7 @@ holds more than one chunk: an ``.npy`` file is memory-mapped and sliced
 ``start:stop``; an ``.npz`` member (a zip entry, possibly compressed) is
 streamed, ``chunk`` images per read, after its header.  A header's shape is
 checked against the bytes present, so no file makes a read allocate more than
-its chunk.  Chunks come back as float64 ``(k, H, W, C)`` on the [0, 1] scale:
+its chunk.  Chunks come back as float64 ``(k, C, H, W)`` on the [0, 1] scale:
 the stored value divided by the dtype's maximum (uint8 255, uint16 65535,
 bool 1, float 1) or by ``--max-value``.
 """
@@ -222,23 +222,23 @@ def check_max_value(info: ArrayInfo, max_value: float | None) -> ArrayInfo:
     )
 
 
-def _nhwc(x: np.ndarray, layout: str | None) -> np.ndarray:
-    if layout == "NCHW":
-        return np.moveaxis(x, 1, -1)
+def _nchw(x: np.ndarray, layout: str | None) -> np.ndarray:
+    if layout == "NHWC":
+        return np.moveaxis(x, -1, 1)
     if layout == "NHW":
-        return x[..., np.newaxis]
+        return x[:, np.newaxis]
     return x
 
 
 def _scaled(raw: np.ndarray, info: ArrayInfo) -> np.ndarray:
-    y = np.array(_nhwc(raw, info.layout), dtype=np.float64)  # a float64 copy, channels last
-    if info.max_value != 1.0:
-        y /= info.max_value  # correctly rounded: k / 255 exactly as the [0, 1] value of k
+    view = _nchw(raw, info.layout)
+    y = np.empty(view.shape, dtype=np.float64)  # C-contiguous, channels first: long rows per channel
+    np.divide(view, info.max_value, out=y)  # correctly rounded: k / 255 exactly as the [0, 1] value of k
     return y
 
 
 def chunks(info: ArrayInfo, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
-    """Images ``start:stop`` of the array, `chunk` at a time, as float64 ``(k, H, W, C)`` in [0, 1]."""
+    """Images ``start:stop`` of the array, `chunk` at a time, as float64 ``(k, C, H, W)`` in [0, 1]."""
     if info.key is None:
         mm = np.memmap(
             info.path,

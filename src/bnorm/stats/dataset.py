@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from .images import PILLOW_HINT, have_pillow
 from .sources import Discovery, find_tasks
 
 __all__ = ["DatasetStats", "compute"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def _result(fold: Fold, found: Discovery, channels: str | None, ddof: int) -> Da
     note = fold.pixel_note
     if fold.pixel is not None:
         if fold.pixel.count > ddof:
-            pixel_mean, pixel_std = fold.pixel.mean, fold.pixel.std(ddof)
+            # (C, H, W) -> (H, W, C): images as they are displayed and saved.
+            pixel_mean = np.ascontiguousarray(np.moveaxis(fold.pixel.mean, 0, -1))
+            pixel_std = np.ascontiguousarray(np.moveaxis(fold.pixel.std(ddof), 0, -1))
         else:
             note = f"--ddof {ddof} needs more than {ddof} images for the std image, got {fold.pixel.count}"
     arrays = any(not m.startswith("mode ") for m in fold.modes)
@@ -136,6 +140,24 @@ def _result(fold: Fold, found: Discovery, channels: str | None, ddof: int) -> Da
         pixel_note=note,
         hist=fold.hist,
     )
+
+
+def _from_rank0(comm: Any, work: Callable[[], _T], others: Callable[[], None] = lambda: None) -> _T:
+    """`work()` on rank 0 (the other ranks run `others()`); its result, or its error, on every rank."""
+    outcome: tuple[Exception | None, _T | None] = (None, None)
+    if comm is None or int(comm.Get_rank()) == 0:
+        try:
+            outcome = (None, work())
+        except (UsageError, DataError, ImportError) as exc:
+            outcome = (exc, None)
+    else:
+        others()
+    if comm is not None and int(comm.Get_size()) > 1:
+        outcome = comm.bcast(outcome, root=0)
+    if outcome[0] is not None:
+        raise outcome[0]
+    result: _T = outcome[1]  # type: ignore[assignment]
+    return result
 
 
 def _discover(
@@ -269,51 +291,32 @@ def compute(
     if max_value is not None and not (np.isfinite(max_value) and max_value > 0):
         raise UsageError(f"max_value must be a positive finite number, got {max_value!r}")
     opts = Options(channels, resize, center_crop, max_value, per_pixel is not False, histograms)
-    size = 1 if comm is None else int(comm.Get_size())
-    rank = 0 if comm is None else int(comm.Get_rank())
-
-    outcome: tuple[Exception | None, Discovery | None] = (None, None)
-    if rank == 0:
-        try:
-            outcome = (None, _discover(path_list, layout, keys, chunk_size, max_files, max_value, strict))
-        except (UsageError, DataError, ImportError) as exc:
-            outcome = (exc, None)
-    if size > 1:
-        outcome = comm.bcast(outcome, root=0)
-    if outcome[0] is not None:
-        raise outcome[0]
-    found = outcome[1]
-    assert found is not None
+    found = _from_rank0(
+        comm, lambda: _discover(path_list, layout, keys, chunk_size, max_files, max_value, strict)
+    )
     tasks = found.tasks
 
     def compute_one(i: int) -> Partial:
         return compute_partial(tasks[i], i, opts)
 
-    if size > 1:
+    if comm is not None and int(comm.Get_size()) > 1:
         parts: Iterator[Partial] = mpi_partials(tasks, opts, workers, comm)
     else:
         parts = ordered_map(compute_one, range(len(tasks)), workers)
-    result: tuple[Exception | None, DatasetStats | None] = (None, None)
-    if rank == 0:
+
+    def fold_all() -> DatasetStats:
         fold = Fold("need" if per_pixel is True else ("try" if per_pixel else "no"), strict)
         try:
-            stream = parts if progress is None else progress(parts, len(tasks))
-            for part in stream:
+            for part in parts if progress is None else progress(parts, len(tasks)):
                 fold.add(part, tasks[part.index].path)
-            result = (None, _result(fold, found, channels, ddof))
-        except DataError as exc:
-            result = (exc, None)
         finally:
             close = getattr(parts, "close", None)
             if close is not None:
-                close()
-    else:
+                close()  # under MPI: receives what the other ranks still send
+        return _result(fold, found, channels, ddof)
+
+    def send_all() -> None:
         for _ in parts:  # computes this rank's tasks and sends them to rank 0
             pass
-    if size > 1:
-        result = comm.bcast(result, root=0)
-    if result[0] is not None:
-        raise result[0]
-    stats = result[1]
-    assert stats is not None
-    return stats
+
+    return _from_rank0(comm, fold_all, send_all)

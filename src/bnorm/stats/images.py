@@ -82,7 +82,7 @@ def _resized(im: Any, size: int) -> Any:
 def read_image(
     path: str, channels: str | None, resize: int | None, max_value: float | None
 ) -> tuple[np.ndarray, str]:
-    """The image at `path` as float64 ``(1, H, W, C)`` on the [0, 1] scale, and its Pillow mode.
+    """The image at `path` as float64 ``(1, C, H, W)`` on the [0, 1] scale, and its Pillow mode.
 
     Parameters
     ----------
@@ -109,14 +109,15 @@ def read_image(
         work, top, replicate = _working_image(im, channels)
         if resize is not None:
             work = _resized(work, resize)
-        x = np.asarray(work, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[:, :, np.newaxis]
+        stored = np.asarray(work)
+    chw = stored[np.newaxis] if stored.ndim == 2 else stored.transpose(2, 0, 1)
     if replicate:
-        x = np.repeat(x, 3, axis=2)
+        chw = np.broadcast_to(chw, (3, *chw.shape[1:]))
     if channels == "bgr":
-        x = x[:, :, ::-1]
+        chw = chw[::-1]
     scale = top if max_value is None else max_value
-    if scale != 1.0:
-        x = x / scale  # correctly rounded: k / 255 exactly as the [0, 1] value of k
-    return np.ascontiguousarray(x)[np.newaxis], mode
+    # One pass: cast to float64, channels first (so each channel's moments are long
+    # contiguous rows), divided by the scale -- k / 255 correctly rounded.
+    x = np.empty((1, *chw.shape), dtype=np.float64)
+    np.divide(chw, scale, out=x[0])
+    return x, mode
