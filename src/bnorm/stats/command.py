@@ -117,7 +117,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="stored value that is 1.0 on the [0, 1] scale (default: 255 8-bit, 65535 16-bit, 1 float)",
     )
     p.add_argument(
-        "--ddof", type=_int_at_least(0), default=0, help="delta degrees of freedom of the std (default 0)"
+        "--ddof",
+        type=_int_at_least(0),
+        default=0,
+        metavar="N",
+        help="delta degrees of freedom of the std (default 0)",
     )
     p.add_argument(
         "--max-files",

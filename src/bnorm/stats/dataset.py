@@ -132,7 +132,7 @@ def _result(fold: Fold, found: Discovery, channels: str | None, ddof: int) -> Da
         channel_names=_names(channels, c, arrays),
         image_size=next(iter(fold.sizes)) if len(fold.sizes) == 1 else None,
         files=tuple(sorted(fold.files)),
-        skipped=tuple(found.skipped) + tuple(fold.skipped),
+        skipped=tuple(sorted(found.skipped + tuple(fold.skipped))),
         ignored=found.ignored,
         modes=tuple(fold.modes),
         pixel_mean=pixel_mean,
