@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bnorm.stats import compute  # noqa: E402
+from bnorm.stats import compute
 
 
 def naive(files: list[Path]) -> np.ndarray:
