@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bnorm.stats import DataError, UsageError, compute
 
@@ -199,7 +201,7 @@ def test_npy_float_offset_and_uint16(tmp_path: Path, rng: np.random.Generator) -
     s = compute(str(tmp_path / "f.npy"), chunk_size=7, layout="NHWC")
     flat = x.reshape(-1, 2)
     np.testing.assert_allclose(s.mean, flat.mean(axis=0), rtol=RTOL)
-    np.testing.assert_allclose(s.std, flat.std(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(s.std, flat.std(axis=0), rtol=1e-12)
     assert any("outside [0, 1]" in w for w in __import__("bnorm.stats.report", fromlist=["x"]).warnings_of(s))
     u = rng.integers(0, 65536, size=(3, 2, 2, 1), dtype=np.uint16)
     np.save(tmp_path / "u.npy", u)
@@ -369,3 +371,37 @@ def test_arrays_are_read_one_chunk_at_a_time(tmp_path: Path, rng: np.random.Gene
     # Measured: 1.1 MB (npy, memory-mapped) and 2.3 MB (npz: the zip's read buffers), i.e. the chunk and
     # its float64 copy, not the 39 MB array.
     assert peak < 3 * chunk, f"peak {peak / 1e6:.1f} MB for chunks of {chunk / 1e6:.1f} MB"
+
+
+def test_fortran_order_big_endian_and_resize_on_arrays(tmp_path: Path, rng: np.random.Generator) -> None:
+    x = rng.integers(0, 65536, size=(7, 5, 6, 3), dtype=np.uint16)
+    np.save(tmp_path / "f.npy", np.asfortranarray(x.astype(">u2")))
+    s = compute(str(tmp_path / "f.npy"), chunk_size=3)
+    assert_stats(s, expected(list(x), top=65535.0))
+    with pytest.raises(UsageError, match=r"--resize applies to image files, and .*f\.npy is an array"):
+        compute(str(tmp_path / "f.npy"), resize=4)
+    cropped = compute(str(tmp_path / "f.npy"), center_crop=4)  # rows 0:4 (round(0.5) = 0), columns 1:5
+    assert_stats(cropped, expected(list(x[:, 0:4, 1:5]), top=65535.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    chunk=st.integers(1, 13),
+    channels=st.sampled_from([1, 3]),
+    offset=st.sampled_from([0.0, 1e3]),
+    seed=st.integers(0, 2**31),
+)
+def test_any_chunking_equals_the_whole_data_computation(
+    n: int, chunk: int, channels: int, offset: float, seed: int
+) -> None:
+    import tempfile
+
+    x = offset + np.random.default_rng(seed).random((n, 5, 6, channels))
+    with tempfile.TemporaryDirectory() as d:
+        np.save(os.path.join(d, "x.npy"), x)
+        s = compute(d, chunk_size=chunk, layout="NHWC", max_value=1.0)
+    flat = x.reshape(-1, channels)
+    np.testing.assert_allclose(s.mean, flat.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(s.std, flat.std(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(s.max, flat.max(axis=0))

@@ -121,8 +121,6 @@ def _batches(task: Task, opts: Options) -> Iterator[tuple[np.ndarray, str]]:
         return
     info = task.info
     assert info is not None
-    if opts.resize is not None:
-        raise ValueError(f"{task.name}: --resize applies to image files; arrays are used at their size")
     mode = f"{info.dtype} {info.layout}"
     for x in chunks(info, task.start, task.stop, task.chunk):
         if not np.isfinite(x).all():

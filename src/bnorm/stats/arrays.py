@@ -212,8 +212,9 @@ def check_max_value(info: ArrayInfo, max_value: float | None) -> ArrayInfo:
     """`info` with the value that maps to 1.0: `max_value`, or the dtype's own."""
     if max_value is not None:
         return replace(info, max_value=float(max_value))
-    if info.dtype in _DTYPE_MAX:
-        return replace(info, max_value=_DTYPE_MAX[info.dtype])
+    native = info.dtype.newbyteorder("=")  # '>u2' (big-endian) is 16-bit too
+    if native in _DTYPE_MAX:
+        return replace(info, max_value=_DTYPE_MAX[native])
     if info.dtype.kind == "f":
         return replace(info, max_value=1.0)
     raise UsageError(

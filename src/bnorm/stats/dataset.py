@@ -168,6 +168,7 @@ def _discover(
     max_files: int | None,
     max_value: float | None,
     strict: bool,
+    resize: int | None,
 ) -> Discovery:
     found = find_tasks(
         paths, layout=layout, keys=keys, chunk_size=chunk_size, max_files=max_files, max_value=max_value
@@ -175,6 +176,12 @@ def _discover(
     if any(t.kind == "image" for t in found.tasks) and not have_pillow():
         raise ImportError(
             f"bnorm stats reads image files through Pillow, which is not installed: {PILLOW_HINT}"
+        )
+    array = next((t for t in found.tasks if t.kind != "image"), None)
+    if resize is not None and array is not None:
+        raise UsageError(
+            f"--resize applies to image files, and {array.name} is an array: leave out --resize "
+            "(arrays are used at their size; --center-crop works on both)"
         )
     if strict and found.skipped:
         name, why = found.skipped[0]
@@ -292,7 +299,7 @@ def compute(
         raise UsageError(f"max_value must be a positive finite number, got {max_value!r}")
     opts = Options(channels, resize, center_crop, max_value, per_pixel is not False, histograms)
     found = _from_rank0(
-        comm, lambda: _discover(path_list, layout, keys, chunk_size, max_files, max_value, strict)
+        comm, lambda: _discover(path_list, layout, keys, chunk_size, max_files, max_value, strict, resize)
     )
     tasks = found.tasks
 
