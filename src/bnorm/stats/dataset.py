@@ -174,9 +174,7 @@ def _discover(
         paths, layout=layout, keys=keys, chunk_size=chunk_size, max_files=max_files, max_value=max_value
     )
     if any(t.kind == "image" for t in found.tasks) and not have_pillow():
-        raise ImportError(
-            f"bnorm stats reads image files through Pillow, which is not installed: {PILLOW_HINT}"
-        )
+        raise ImportError(f"image files are read through Pillow, which is not installed: {PILLOW_HINT}")
     array = next((t for t in found.tasks if t.kind != "image"), None)
     if resize is not None and array is not None:
         raise UsageError(
