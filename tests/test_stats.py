@@ -263,9 +263,10 @@ def test_order_of_files_and_arguments(tmp_path: Path, rng: np.random.Generator) 
 
 def test_workers_give_identical_bits(tmp_path: Path, rng: np.random.Generator) -> None:
     rgb_tree(tmp_path / "d", rng)
-    np.save(tmp_path / "d" / "x.npy", rng.integers(0, 256, size=(13, 6, 5, 3), dtype=np.uint8))
-    one = compute(str(tmp_path / "d"), workers=1, chunk_size=4, per_pixel="try", histograms=True)
-    four = compute(str(tmp_path / "d"), workers=4, chunk_size=4, per_pixel="try", histograms=True)
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, size=(13, 6, 5, 3), dtype=np.uint8))
+    paths = [str(tmp_path / "d"), str(tmp_path / "x.npy")]
+    one = compute(paths, workers=1, chunk_size=4, per_pixel="try", histograms=True)
+    four = compute(paths, workers=4, chunk_size=4, per_pixel="try", histograms=True)
     for name in ("mean", "std", "var", "min", "max", "hist"):
         np.testing.assert_array_equal(getattr(four, name), getattr(one, name))
     assert four.images == one.images == 8 + 13
@@ -283,14 +284,23 @@ def test_corrupt_and_empty_files(tmp_path: Path, rng: np.random.Generator) -> No
     with open(tmp_path / "short.npy", "r+b") as f:
         f.truncate(200)
     np.save(tmp_path / "none.npy", np.zeros((0, 5, 6, 3), np.uint8))
-    s = compute(str(tmp_path), workers=2)
+    folder_only = compute(str(tmp_path))  # the arrays are not read from a folder: counted as ignored
+    assert folder_only.ignored == 2 and folder_only.unread_arrays == 2
+    from bnorm.stats.report import warnings_of
+
+    assert (
+        "2 .npy/.npz files in the folders not read: folders are read for images"
+        in warnings_of(folder_only)[-1]
+    )
+    s = compute([str(tmp_path), *(str(p) for p in sorted(tmp_path.glob("*.npy")))], workers=2)
+    assert s.ignored == 0 and s.unread_arrays == 0
     assert_stats(s, expected(pixels))
     names = sorted(Path(n).name for n, _ in s.skipped)
     assert names == ["empty.png", "garbage.jpg", "none.npy", "short.npy", "truncated.png"]
     reasons = dict((Path(n).name, why) for n, why in s.skipped)
     assert "truncated" in reasons["short.npy"] and "no images" in reasons["none.npy"]
     with pytest.raises(DataError, match=r"--strict stops at the first file that cannot be read"):
-        compute(str(tmp_path), strict=True)
+        compute([str(tmp_path), str(tmp_path / "short.npy")], strict=True)
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"12345")
@@ -313,7 +323,7 @@ def test_no_pickle_and_no_unbounded_allocation(tmp_path: Path) -> None:
     s_dir.mkdir()
     os.replace(tmp_path / "obj.npy", s_dir / "obj.npy")
     np.save(s_dir / "ok.npy", np.zeros((2, 2, 2), np.uint8))
-    s = compute(str(s_dir))
+    s = compute([str(p) for p in s_dir.iterdir()])
     assert [Path(n).name for n, _ in s.skipped] == ["obj.npy"]
     assert "expected real numbers" in s.skipped[0][1]
     # A header that claims 10**12 images fails on the file size, before any read.
@@ -323,7 +333,7 @@ def test_no_pickle_and_no_unbounded_allocation(tmp_path: Path) -> None:
         f.write(b"\0" * 64)
     with zipfile.ZipFile(s_dir / "huge.npz", "w") as zf, zf.open("x.npy", "w") as f:
         np.lib.format.write_array_header_1_0(f, header)
-    s = compute(str(s_dir))
+    s = compute([str(p) for p in s_dir.iterdir()])
     reasons = {Path(n).name.split("[")[0]: why for n, why in s.skipped}
     assert "truncated" in reasons["huge.npy"] and "truncated" in reasons["huge.npz"]
 
@@ -346,7 +356,7 @@ def test_argument_errors(tmp_path: Path) -> None:
         compute(str(tmp_path), max_value=0.0)
     np.save(tmp_path / "x.npy", np.zeros((1, 2, 2), np.uint8))
     with pytest.raises(DataError, match="--ddof 4 needs more than 4 values per channel, got 4"):
-        compute(str(tmp_path), ddof=4)
+        compute(str(tmp_path / "x.npy"), ddof=4)
 
 
 @pytest.mark.parametrize("kind", ["npy", "npz"])
@@ -400,7 +410,7 @@ def test_any_chunking_equals_the_whole_data_computation(
     x = offset + np.random.default_rng(seed).random((n, 5, 6, channels))
     with tempfile.TemporaryDirectory() as d:
         np.save(os.path.join(d, "x.npy"), x)
-        s = compute(d, chunk_size=chunk, layout="NHWC", max_value=1.0)
+        s = compute(os.path.join(d, "x.npy"), chunk_size=chunk, layout="NHWC", max_value=1.0)
     flat = x.reshape(-1, channels)
     np.testing.assert_allclose(s.mean, flat.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(s.std, flat.std(axis=0), rtol=1e-12)

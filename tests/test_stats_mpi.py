@@ -72,7 +72,7 @@ def test_three_ranks_equal_one(dataset: Path, extra: list[str]) -> None:
     results = {}
     for ranks in (1, 3):
         out = dataset / f"r{ranks}"
-        args = ["data", "--chunk-size", "3", "--json", f"{out}.json", *extra]
+        args = ["data", "data/x.npy", "--chunk-size", "3", "--json", f"{out}.json", *extra]
         res = bnorm_stats(args, ranks, dataset)
         assert res.returncode == 0, f"{ranks} ranks:\n{res.stdout}\n{res.stderr}"
         results[ranks] = (res.stdout, (dataset / f"r{ranks}.json").read_bytes())
@@ -85,7 +85,7 @@ def test_three_ranks_equal_one(dataset: Path, extra: list[str]) -> None:
 
 
 def test_data_error_ends_every_rank(dataset: Path) -> None:
-    res = bnorm_stats(["data", "--strict"], 3, dataset)
+    res = bnorm_stats(["data", "data/x.npy", "--strict"], 3, dataset)
     assert res.returncode == 3, res.stderr
     assert res.stderr.count("--strict stops at the first file that cannot be read") == 1
     assert res.stdout == ""

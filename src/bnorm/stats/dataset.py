@@ -50,7 +50,9 @@ class DatasetStats:
     skipped : tuple of (str, str)
         What could not be read, with the reason.
     ignored : int
-        Other files in the folders (not images or arrays by their extension).
+        Other files in the folders (not images by their extension).
+    unread_arrays : int
+        ``.npy``/``.npz`` files among them (arrays are read when named).
     modes : tuple of str
         The Pillow modes (``"mode RGB"``) and array dtypes and layouts seen.
     pixel_mean, pixel_std : ndarray of shape (H, W, C) or None
@@ -76,6 +78,7 @@ class DatasetStats:
     skipped: tuple[tuple[str, str], ...]
     ignored: int
     modes: tuple[str, ...]
+    unread_arrays: int = 0
     pixel_mean: np.ndarray | None = None
     pixel_std: np.ndarray | None = None
     pixel_note: str | None = None
@@ -134,6 +137,7 @@ def _result(fold: Fold, found: Discovery, channels: str | None, ddof: int) -> Da
         files=tuple(sorted(fold.files)),
         skipped=tuple(sorted(found.skipped + tuple(fold.skipped))),
         ignored=found.ignored,
+        unread_arrays=found.arrays_in_folders,
         modes=tuple(fold.modes),
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,
@@ -218,7 +222,8 @@ def compute(
     Parameters
     ----------
     paths : str or sequence of str
-        Folders (recursive), image files and ``.npy``/``.npz`` files.
+        Folders (searched recursively for image files), image files and
+        ``.npy``/``.npz`` files.
     channels : {"rgb", "bgr", "gray"} or None
         Convert every image to this form on read (None: as stored; see
         :mod:`bnorm.stats.images`).
@@ -275,7 +280,7 @@ def compute(
     >>> from bnorm.stats import compute
     >>> folder = tempfile.mkdtemp()
     >>> np.save(os.path.join(folder, "x.npy"), np.array([[[0, 255]], [[51, 102]]], dtype=np.uint8))
-    >>> s = compute(folder)
+    >>> s = compute(os.path.join(folder, "x.npy"))
     >>> s.images, s.pixels, s.mean.round(4).tolist(), s.std.round(4).tolist()
     (2, 4, [0.4], [0.3742])
     """

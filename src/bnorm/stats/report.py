@@ -85,7 +85,7 @@ _PASTE_NOTES = {
 
 
 def warnings_of(stats: DatasetStats) -> list[str]:
-    """What looks wrong: values outside [0, 1] (a scale to give), constant channels."""
+    """What looks wrong: values outside [0, 1], constant channels, no per-pixel images, unread arrays."""
     out = []
     if (stats.max > 1.0).any() or (stats.min < 0.0).any():
         out.append(
@@ -97,6 +97,11 @@ def warnings_of(stats: DatasetStats) -> list[str]:
         out.append(f"channel {', '.join(flat)} is constant (std 0): Normalize would divide by zero")
     if stats.pixel_note is not None:
         out.append(f"no mean and std images: {stats.pixel_note}")
+    if stats.unread_arrays:
+        out.append(
+            f"{stats.unread_arrays} .npy/.npz file{'s' if stats.unread_arrays > 1 else ''} in the folders "
+            "not read: folders are read for images; name arrays to read them (e.g. data/*.npy)"
+        )
     return out
 
 

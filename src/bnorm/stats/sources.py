@@ -1,11 +1,14 @@
 """What ``bnorm stats`` reads: file discovery and the list of tasks.
 
-``find_tasks(paths, ...)`` walks the given files and folders (recursively;
-hidden names, starting with ".", are skipped, so ``.ipynb_checkpoints`` does
-not leak into a dataset), keeps image files (by extension, read through Pillow)
-and NumPy files (``.npy``, ``.npz``), sorts them by absolute path and removes
-duplicates, so the order of the arguments and of the directory listing never
-matters.  Each file becomes one or more :class:`Task` s -- an image file is one
+``find_tasks(paths, ...)`` takes the given files and walks the given folders
+for image files (recursively, by extension, as torchvision's ``ImageFolder``
+and Keras' ``image_dataset_from_directory`` do; hidden names, starting with
+".", are skipped, so ``.ipynb_checkpoints`` does not leak into a dataset).
+NumPy files (``.npy``, ``.npz``) are read when they are named -- a folder is an
+image dataset, and an array cached beside the images is not part of it
+(``data/*.npy`` names a folder of arrays).  Files are sorted by absolute path
+and counted once, so the order of the arguments and of the directory listing
+never matters.  Each file becomes one or more :class:`Task` s -- an image file is one
 task; an ``.npy`` array is cut into chunks of `chunk_size` images, one task
 each; an ``.npz`` member is one task that streams its chunks in order -- and
 the statistics are the fold of the tasks' partial moments in task order (see
@@ -89,28 +92,27 @@ class Discovery:
         Other files in the folders (not images or arrays by their extension).
     skipped : tuple of (str, str)
         Arrays that cannot be used, with the reason: unreadable headers, no images.
+    arrays_in_folders : int
+        ``.npy``/``.npz`` files among the ignored ones (arrays are read when named).
     """
 
     tasks: tuple[Task, ...]
     files: tuple[str, ...]
     ignored: int
     skipped: tuple[tuple[str, str], ...]
+    arrays_in_folders: int = 0
 
 
-def _walk(root: str) -> tuple[list[str], int]:
-    """Image and array files under `root` (recursive, hidden names skipped), and how many others."""
+def _walk(root: str) -> tuple[list[str], list[str]]:
+    """Image files under `root` (recursive, hidden names skipped), and the other files."""
     found: list[str] = []
-    ignored = 0
+    others: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
-            if f.startswith("."):
-                continue
-            if f.lower().endswith(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS):
-                found.append(os.path.join(dirpath, f))
-            else:
-                ignored += 1
-    return found, ignored
+            if not f.startswith("."):
+                (found if f.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(dirpath, f))
+    return found, others
 
 
 def _spread(files: list[str], max_files: int | None) -> list[str]:
@@ -162,12 +164,12 @@ def find_tasks(
         the member to read is not clear; an array's scale is unknown.
     """
     files: list[str] = []
-    ignored = 0
+    others: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            found, n_ignored = _walk(p)
+            found, rest = _walk(p)
             files.extend(found)
-            ignored += n_ignored
+            others.extend(rest)
         elif os.path.isfile(p):
             if not p.lower().endswith(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS):
                 raise UsageError(
@@ -177,6 +179,9 @@ def find_tasks(
         else:
             raise UsageError(f"{p} does not exist (expected a folder, an image or an .npy/.npz file)")
     unique = sorted({os.path.abspath(f) for f in files})
+    unread = {os.path.abspath(f) for f in others} - set(unique)  # named files are read
+    ignored = len(unread)
+    arrays_in_folders = sum(f.lower().endswith(ARRAY_EXTENSIONS) for f in unread)
     unique = _spread(unique, max_files)
     tasks: list[Task] = []
     skipped: list[tuple[str, str]] = []
@@ -208,4 +213,4 @@ def find_tasks(
             else:
                 for start in range(0, n, chunk):
                     tasks.append(Task(f, "npy", None, start, min(n, start + chunk), chunk, info))
-    return Discovery(tuple(tasks), tuple(unique), ignored, tuple(skipped))
+    return Discovery(tuple(tasks), tuple(unique), ignored, tuple(skipped), arrays_in_folders)
