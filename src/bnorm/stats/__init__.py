@@ -4,7 +4,7 @@
 :func:`compute` read every image once -- one image or chunk in memory at a
 time besides the accumulators -- and return the per-channel mean, standard
 deviation, min and max that normalization needs, exact to float64 rounding
-(per-task two-pass moments, Chan merge in a fixed order), identical for any
+(per-task float64 moments, Chan merge in a fixed order), identical for any
 ``--workers`` and any number of MPI ranks.
 
 Modules: :mod:`~bnorm.stats.sources` (discovery and tasks),

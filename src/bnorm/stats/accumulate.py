@@ -2,7 +2,9 @@ r"""Accumulation: per-task partial moments, folded in task order, on threads and
 
 Every task (an image file, or a chunk of an array; see :mod:`bnorm.stats.sources`)
 gives a :class:`Partial`: float64 :class:`~bnorm.preprocessing.RunningStats` per
-channel (over the task's pixels) and, when asked, per pixel (over its images),
+channel (over the task's pixels; bnorm's per-channel moments, whose sums are
+shifted by the mean wherever they could cancel, so they are exact to float64
+rounding) and, when asked, per pixel (over its images),
 with min, max and a histogram per channel.  The dataset's statistics are the
 **left fold of the partials in task order** with the Chan, Golub & LeVeque merge
 
