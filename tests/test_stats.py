@@ -415,3 +415,30 @@ def test_any_chunking_equals_the_whole_data_computation(
     np.testing.assert_allclose(s.mean, flat.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(s.std, flat.std(axis=0), rtol=1e-12)
     np.testing.assert_array_equal(s.max, flat.max(axis=0))
+
+
+def test_array_channels_and_progress_hook(tmp_path: Path, rng: np.random.Generator) -> None:
+    x = rng.integers(0, 256, size=(4, 5, 6, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    luma = (x[..., :1] / 255.0) * 0.299 + (x[..., 1:2] / 255.0) * 0.587 + (x[..., 2:] / 255.0) * 0.114
+    gray = compute(str(tmp_path / "x.npy"), channels="gray")
+    assert gray.channel_names == ("gray",)
+    np.testing.assert_allclose(gray.mean, [luma.mean()], rtol=1e-14)
+    np.testing.assert_allclose(gray.std, [luma.std()], rtol=1e-12)
+    bgr = compute(str(tmp_path / "x.npy"), channels="bgr")
+    assert bgr.channel_names == ("B", "G", "R")
+    assert_stats(bgr, expected(list(x[..., ::-1])))
+    np.save(tmp_path / "four.npy", np.zeros((2, 5, 6, 4), np.uint8))
+    with pytest.raises(
+        DataError, match=r"four\.npy has 4 channels, which cannot become --channels rgb \(1 or 3 can\)"
+    ):
+        compute(str(tmp_path / "four.npy"), channels="rgb")
+    seen = []
+
+    def progress(parts, total):
+        for p in parts:
+            seen.append((p.index, total))
+            yield p
+
+    compute(str(tmp_path / "x.npy"), chunk_size=2, progress=progress)
+    assert seen == [(0, 2), (1, 2)]
