@@ -40,7 +40,7 @@ ARRAY_EXTENSIONS = (".npy", ".npz")
 CHUNK_BYTES = 32 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per image file: a million of them must stay small
 class Task:
     """One unit of work: an image file, or images ``start:stop`` of an array.
 
