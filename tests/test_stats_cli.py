@@ -77,7 +77,7 @@ def test_summary_and_exit_status(tmp_path: Path, rng: np.random.Generator, capsy
     ("args", "status", "message"),
     [
         (["{d}/nope"], 2, "nope does not exist"),
-        (["{d}", "--workers", "0"], 2, "expected an integer >= 1, got '0'"),
+        (["{d}", "--workers", "0"], 2, "expected a positive integer, got '0'"),
         (["{d}", "--json", "{d}"], 2, "--json must be a file path, got the folder"),
         (["{d}", "--figure", "{d}/no/such/dir/f.png"], 2, "does not exist"),
         (["{d}/arr/x.npy"], 2, "the channel axis is not clear; pass --layout NHWC"),

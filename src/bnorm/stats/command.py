@@ -29,6 +29,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ..cli import _nonnegative_int, _positive_float, _positive_int
 from .arrays import LAYOUTS
 from .dataset import compute
 from .errors import DataError, UsageError
@@ -41,29 +42,6 @@ EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 #: Environment variables by which MPI launchers give the number of processes.
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -105,10 +83,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help=".npz member to read (repeatable; default: the one member with 3 or 4 dimensions)",
     )
     p.add_argument(
-        "--resize", type=_int_at_least(1), metavar="N", help="shorter side to N (torchvision Resize(N))"
+        "--resize", type=_positive_int, metavar="N", help="shorter side to N (torchvision Resize(N))"
     )
     p.add_argument(
-        "--center-crop", type=_int_at_least(1), metavar="N", help="central NxN (torchvision CenterCrop(N))"
+        "--center-crop", type=_positive_int, metavar="N", help="central NxN (torchvision CenterCrop(N))"
     )
     p.add_argument(
         "--max-value",
@@ -118,20 +96,20 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ddof",
-        type=_int_at_least(0),
+        type=_nonnegative_int,
         default=0,
         metavar="N",
         help="delta degrees of freedom of the std (default 0)",
     )
     p.add_argument(
         "--max-files",
-        type=_int_at_least(1),
+        type=_positive_int,
         metavar="N",
         help="read N files, evenly spaced through the sorted list",
     )
     p.add_argument(
         "--workers",
-        type=_int_at_least(1),
+        type=_positive_int,
         default=1,
         metavar="N",
         help="files decoded at a time (same result for any N)",
@@ -154,7 +132,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be read")
     p.add_argument(
         "--chunk-size",
-        type=_int_at_least(1),
+        type=_positive_int,
         metavar="N",
         help="images per chunk of an array (default: 32 MiB)",
     )
