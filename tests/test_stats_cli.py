@@ -130,6 +130,17 @@ def test_missing_pillow_says_what_to_install(
     assert code == 0, err
 
 
+def test_missing_matplotlib_for_the_figure(
+    tmp_path: Path, rng: np.random.Generator, capsys, monkeypatch
+) -> None:
+    faces(tmp_path, rng, n=1)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, out, err = run(capsys, str(tmp_path), "--figure", str(tmp_path / "f.png"))
+    assert code == 1 and out == ""
+    assert "--figure needs matplotlib: pip install matplotlib" in err
+    assert not (tmp_path / "f.png").exists()
+
+
 def test_json_schema(tmp_path: Path, rng: np.random.Generator, capsys) -> None:
     faces(tmp_path / "d", rng)
     (tmp_path / "d" / "broken.png").write_bytes(b"")
