@@ -72,7 +72,8 @@ def test_three_ranks_equal_one(dataset: Path, extra: list[str]) -> None:
     results = {}
     for ranks in (1, 3):
         out = dataset / f"r{ranks}"
-        args = ["data", "data/x.npy", "--chunk-size", "3", "--json", f"{out}.json", *extra]
+        workers = ["--workers", "2"] if ranks == 3 and extra else []  # threads on every rank too
+        args = ["data", "data/x.npy", "--chunk-size", "3", "--json", f"{out}.json", *extra, *workers]
         res = bnorm_stats(args, ranks, dataset)
         assert res.returncode == 0, f"{ranks} ranks:\n{res.stdout}\n{res.stderr}"
         results[ranks] = (res.stdout, (dataset / f"r{ranks}.json").read_bytes())
