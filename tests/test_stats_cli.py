@@ -78,8 +78,8 @@ def test_summary_and_exit_status(tmp_path: Path, rng: np.random.Generator, capsy
     [
         (["{d}/nope"], 2, "nope does not exist"),
         (["{d}", "--workers", "0"], 2, "expected a positive integer, got '0'"),
-        (["{d}", "--json", "{d}"], 2, "--json must be a file path, got the folder"),
-        (["{d}", "--figure", "{d}/no/such/dir/f.png"], 2, "does not exist"),
+        (["{d}", "--json", "{d}"], 2, "--json must be a file path, got the directory"),
+        (["{d}", "--figure", "{d}/broken.png/f.png"], 2, "is a file, not a directory"),
         (["{d}/arr/x.npy"], 2, "the channel axis is not clear; pass --layout NHWC"),
         (["{d}/mixed"], 3, "mixed channel counts"),
         (["{d}/bad"], 3, "no images could be read"),
@@ -265,10 +265,10 @@ def test_python_m_bnorm_stats(tmp_path: Path, rng: np.random.Generator) -> None:
 def test_every_option_is_in_the_cli_reference() -> None:
     import argparse
 
-    from bnorm.stats.command import add_parser
+    from bnorm.stats.command import add_arguments
 
-    parser = argparse.ArgumentParser()
-    p = add_parser(parser.add_subparsers())
+    p = argparse.ArgumentParser()
+    add_arguments(p)
     page = (ROOT / "docs" / "api" / "cli.md").read_text(encoding="utf-8")
     for action in p._actions:
         for flag in action.option_strings:

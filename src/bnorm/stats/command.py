@@ -1,6 +1,6 @@
 """The ``bnorm stats`` command: its options, and the run from arguments to exit status.
 
-``add_parser(subparsers)`` registers the command (bnorm.cli calls it);
+``add_arguments(parser)`` adds its options (bnorm.cli registers the command);
 ``run(args)`` checks every argument before any work starts, computes
 (:func:`bnorm.stats.compute`), writes what was asked and prints the summary.
 
@@ -29,6 +29,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ..cli import UsageError as CliUsageError
 from ..cli import _nonnegative_int, _positive_float, _positive_int
 from .arrays import LAYOUTS
 from .dataset import compute
@@ -36,7 +37,17 @@ from .errors import DataError, UsageError
 from .figure import FIGURE_HINT, write_figure, write_pixel_images
 from .report import summary, to_json, write_json
 
-__all__ = ["EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_DATA", "EXIT_INTERRUPTED", "add_parser", "run"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_MISSING",
+    "EXIT_USAGE",
+    "EXIT_DATA",
+    "EXIT_INTERRUPTED",
+    "DESCRIPTION",
+    "EPILOG",
+    "add_arguments",
+    "run",
+]
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -44,24 +55,27 @@ EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add the ``stats`` command to the sub-parsers `sub` of the ``bnorm`` parser."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "stats",
-        help="exact per-channel mean and std of a folder of images or arrays",
-        description=(
-            "Per-channel mean, standard deviation, min and max of a dataset -- folders of images "
-            "(recursive; PNG, JPEG, BMP, GIF, TIFF, WebP through Pillow), .npy files and .npz members -- "
-            "in the [0, 1] and [0, 255] scales, with the lines to paste into bnorm, torchvision and Keras. "
-            "Streamed (one image or chunk in memory) and exact: float64 moments merged in a fixed "
-            "order, the same for any --workers and under mpiexec."
-        ),
-        epilog=(
-            "exit status: 0 done (unreadable files are listed and skipped); 1 an optional package is "
-            "missing; 2 usage; 3 the data cannot give statistics (nothing readable, mixed channel "
-            "counts, sizes differ with --per-pixel, an unreadable file with --strict); 130 interrupted"
-        ),
-    )
+#: The paragraph of ``bnorm stats --help``.
+DESCRIPTION = (
+    "Per-channel mean, standard deviation, min and max of a dataset -- folders of images "
+    "(recursive; PNG, JPEG, BMP, GIF, TIFF, WebP through Pillow), .npy files and .npz members -- "
+    "in the [0, 1] and [0, 255] scales, with the lines to paste into bnorm, torchvision and Keras. "
+    "Streamed (one image or chunk in memory) and exact: float64 moments merged in a fixed "
+    "order, the same for any --workers and under mpiexec."
+)
+
+#: The text after the options in ``bnorm stats --help``.
+EPILOG = (
+    "exit status: 0 done (unreadable files are listed and skipped); 1 an optional package is "
+    "missing; 2 usage; 3 the data cannot give statistics (nothing readable, mixed channel "
+    "counts, sizes differ with --per-pixel, an unreadable file with --strict); 130 interrupted"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``bnorm stats`` to its sub-parser `p` (bnorm.cli registers the command)."""
+    p.description = DESCRIPTION
+    p.epilog = EPILOG
     p.add_argument("paths", nargs="+", metavar="PATH", help="folders, image files, .npy or .npz files")
     p.add_argument(
         "--channels",
@@ -137,7 +151,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="images per chunk of an array (default: 32 MiB)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _mpi_comm() -> Any:
@@ -150,25 +163,15 @@ def _mpi_comm() -> Any:
     return world()
 
 
-def _output_problem(args: argparse.Namespace) -> str | None:
-    """Why an output cannot be written (checked before any work), or None."""
-    for option, path in (("--json", args.json), ("--figure", args.figure)):
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            return f"{option} must be a file path, got the folder {path!r}"
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            return f"{option} {path}: the folder {parent} does not exist"
-        if not os.access(parent, os.W_OK):
-            return f"{option} {path}: the folder {parent} is not writable"
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output can be written (folders created); bnorm.cli.UsageError otherwise, before any work."""
+    from ..cli import _writable_dir, _writable_file
+
+    for flag, path in (("--json", args.json), ("--figure", args.figure)):
+        if path is not None:
+            _writable_file(path, flag)
     if args.per_pixel:
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            return f"--out must be a folder, got the file {args.out!r}"
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            return f"--out {args.out}: cannot create it in {parent}"
-    return None
+        _writable_dir(args.out, "--out")
 
 
 def _progress(enabled: bool) -> Any:
@@ -215,9 +218,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"bnorm stats: {message}", file=sys.stderr)
         return status
 
-    problem = _output_problem(args)
-    if problem is not None:
-        return fail(problem, EXIT_USAGE)
+    try:
+        _check_outputs(args)
+    except CliUsageError as exc:
+        return fail(str(exc), EXIT_USAGE)
     if args.figure is not None:
         try:
             import matplotlib  # noqa: F401
