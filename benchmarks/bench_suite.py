@@ -84,7 +84,6 @@ SHAPES: dict[str, dict[str, list[Any]]] = {
         "large": list(bench_batchnorm.SHAPES),
     },
     "batch_norm_offset": {"large": [(8, 32, 16, 32, 32), (32, 64, 56, 56)]},
-    "modules": {"small": [(60, 100), (32, 256), (256, 512), (32, 64, 8, 8), (16, 32, 16, 16), (128, 10)]},
     "layer_norm": {
         "small": [(60, 100), (32, 256), (8, 16, 64)],
         "large": [(8, 128, 768), (16, 197, 384), (4, 512, 1024), (32, 50, 512), (2048, 128)],
@@ -96,6 +95,7 @@ SHAPES: dict[str, dict[str, list[Any]]] = {
     "instance_norm": {"small": [(16, 32, 8, 8)], "large": [(8, 3, 128, 128), (4, 64, 64, 64)]},
     "busy": {"large": [(32, 64, 56, 56), (8, 128, 768), ((16, 128, 16, 16), 8)]},
 }
+SHAPES["modules"] = {"small": SHAPES["batch_norm"]["small"]}
 SHAPES["rms_norm"] = SHAPES["layer_norm"]
 
 #: One tiny shape per section and size: ``--smoke`` (and tests/test_benchmarks.py) run these.
@@ -201,7 +201,7 @@ def batch_norm_rows(shapes: dict[str, list[Any]], offset_shapes: list[Any], torc
         )
 
 
-def batch_norm_memory(shapes: list[Any], torch: Any) -> Iterator[dict[str, Any]]:
+def batch_norm_memory(shapes: list[Any]) -> Iterator[dict[str, Any]]:
     """Peak extra memory of one training forward and one backward, / input bytes."""
     for shape in shapes:
         case = bench_batchnorm.Case(shape, "float32", "first", None)
@@ -558,7 +558,7 @@ def run(
     if "batch_norm" in sections:
         go(batch_norm_rows(pick("batch_norm"), pick("batch_norm_offset").get("large", []), torch))
         if memory and "large" in sizes:
-            mem += batch_norm_memory(shapes["batch_norm"]["large"], torch)
+            mem += batch_norm_memory(shapes["batch_norm"]["large"])
     if "modules" in sections and "small" in sizes:
         go(module_rows(shapes["modules"]["small"], torch))
     ops = _rowwise_ops()
