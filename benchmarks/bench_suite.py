@@ -496,10 +496,10 @@ def _ratios(row: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_row(row: Row, rounds: int, target: float, settle: float) -> dict[str, Any]:
+def run_row(row: Row, rounds: int, target: float, settle: float, reps: int | None = None) -> dict[str, Any]:
     """Time one row; its JSON record."""
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    results = timing.interleave(row.fns, rounds, target, setups=row.setups, settle_seconds=settle)
+    results = timing.interleave(row.fns, rounds, target, setups=row.setups, settle_seconds=settle, reps=reps)
     record = {
         "section": row.section,
         "op": row.op,
@@ -535,8 +535,12 @@ def run(
     memory: bool = True,
     busy_procs: int = 1,
     quiet: bool = False,
+    reps: int | None = None,
 ) -> dict[str, Any]:
-    """Run the chosen sections and sizes; the whole JSON document (targets included)."""
+    """Run the chosen sections and sizes; the whole JSON document (targets included).
+
+    `reps` fixes the calls per measurement (``--smoke``: 1) instead of calibrating them.
+    """
     shapes = SHAPES if shapes is None else shapes
     torch = timing.torch_or_none()
     info = timing.machine(torch)
@@ -551,7 +555,7 @@ def run(
 
     def go(rows: Iterator[Row]) -> None:
         for row in rows:
-            rec = run_row(row, rounds, target, settle)
+            rec = run_row(row, rounds, target, settle, reps)
             emit(rec)
             records.append(rec)
 
@@ -1036,6 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes=shapes,
         memory=not args.no_memory,
         busy_procs=args.busy_procs,
+        reps=1 if args.smoke else None,
     )
     data["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
     text = markdown(data)

@@ -94,26 +94,28 @@ def interleave(
     *,
     setups: Mapping[str, Callable[[], Any]] | None = None,
     settle_seconds: float = SETTLE,
+    reps: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time every contender of `fns` once per round, in a rotating order.
 
     `setups` maps a contender to a call made before its settling and timing
     (e.g. ``bnorm.set_num_threads(1)``); the caller restores the state after.
+    `reps` fixes the calls per measurement instead of calibrating them.
     Returns, per contender, ``median_ms``, ``min_ms``, ``max_ms``, ``rounds``,
     ``reps`` (calls per measurement) and ``times_ms`` (one per round, in round
     order: ratios can be taken round by round).
     """
     setups = setups or {}
     names = list(fns)
-    reps = {}
+    calls = {}
     for name in names:
         if name in setups:
             setups[name]()
-        reps[name] = calibrate(fns[name], target)
+        calls[name] = calibrate(fns[name], target) if reps is None else reps
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            f, n = fns[name], reps[name]
+            f, n = fns[name], calls[name]
             if name in setups:
                 setups[name]()
             settle(f, settle_seconds)
@@ -127,7 +129,7 @@ def interleave(
             "min_ms": float(np.min(ts)),
             "max_ms": float(np.max(ts)),
             "rounds": len(ts),
-            "reps": reps[name],
+            "reps": calls[name],
             "times_ms": [float(f"{t:.6g}") for t in ts],
         }
         for name, ts in times.items()
