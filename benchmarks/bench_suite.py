@@ -896,6 +896,10 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _n(count: Any, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The run's tables as Markdown: one per section and condition, then the memory and the targets."""
     m, st = data["machine"], data["settings"]
@@ -908,9 +912,9 @@ def markdown(data: dict[str, Any]) -> str:
     nz = data.get("noise", {})
     out = [
         f"{which}; {m.get('cpu', m.get('processor'))}, {m.get('cpu_count')} CPUs; Python {m.get('python')}, "
-        f"NumPy {m.get('numpy')}, PyTorch {m.get('torch')} ({m.get('torch_threads')} threads), "
+        f"NumPy {m.get('numpy')}, PyTorch {m.get('torch')} ({_n(m.get('torch_threads'), 'thread')}), "
         f"bnorm threads {m.get('bnorm_threads')}; load average {m.get('loadavg_start')} at the start, "
-        f"{m.get('loadavg_end')} at the end; {st['rounds']} rounds of ~{st['target_ms']:g} ms measurements, "
+        f"{m.get('loadavg_end')} at the end; {_n(st['rounds'], 'round')} of ~{st['target_ms']:g} ms measurements, "
         f"float32. Spread of a measurement over rounds ((max - min) / median): median "
         f"{nz.get('median_spread', float('nan')):.0%}, 90th percentile {nz.get('p90_spread', float('nan')):.0%}.",
     ]
@@ -996,6 +1000,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, help="threads for bnorm and torch (default: their defaults)")
     p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="threads for torch only, e.g. 1 for steadier torch columns on a loaded machine",
+    )
+    p.add_argument(
         "--busy-procs", type=int, default=1, help="competing CPU-bound processes in 'busy' (default 1)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory measurements")
@@ -1015,9 +1024,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = _csv(args.sizes, SIZES, "size")
     if args.threads:
         bnorm.set_num_threads(args.threads)
+    torch_threads = args.torch_threads or args.threads
+    if torch_threads:
         torch = timing.torch_or_none()
         if torch is not None:
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(torch_threads)
     if args.smoke:
         rounds, target, settle, shapes = 1, 1e-4, 0.0, SMOKE_SHAPES
     else:
