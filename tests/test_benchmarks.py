@@ -254,3 +254,42 @@ def test_textbook_rms_norm_matches_its_definition_and_gradient(problem):
         - np.vdot(g, naive.rms_norm_forward(x, w - h * u, 1e-6)[0])
     ) / (2 * h)
     assert np.vdot(dw, u) == pytest.approx(fd_w, rel=1e-6)
+
+
+# ---- the shared timing machinery
+def test_interleave_runs_each_contender_under_its_own_setup():
+    import timing
+
+    state = {"threads": None}
+    seen: dict[str, set] = {"a": set(), "b": set()}
+    fns = {name: (lambda name=name: seen[name].add(state["threads"])) for name in seen}
+    setups = {"a": lambda: state.update(threads=2), "b": lambda: state.update(threads=1)}
+    res = timing.interleave(fns, rounds=3, target=1e-4, setups=setups, settle_seconds=0.0)
+    assert seen == {"a": {2}, "b": {1}}
+    assert all(r["rounds"] == 3 and len(r["times_ms"]) == 3 for r in res.values())
+
+
+def test_interleave_rotates_the_order_of_the_contenders():
+    import timing
+
+    order: list[str] = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    timing.interleave(fns, rounds=3, target=1e-4, settle_seconds=0.0, reps=1)
+    # reps=1, no settling time: a measurement is one settling call and one timed call (no calibration)
+    firsts = [order[i] for i in range(0, len(order), 6)]
+    assert firsts == ["a", "b", "c"]
+
+
+def test_use_source_leaves_a_bnorm_named_by_pythonpath_first(tmp_path, monkeypatch):
+    import timing
+
+    other = tmp_path / "src"
+    (other / "bnorm").mkdir(parents=True)
+    (other / "bnorm" / "__init__.py").write_text("", encoding="utf-8")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(timing.ROOT / "src")])
+    monkeypatch.setenv("PYTHONPATH", str(other))
+    timing.use_source()
+    assert str(timing.ROOT / "src") not in sys.path
+    monkeypatch.setenv("PYTHONPATH", "")
+    timing.use_source()
+    assert sys.path[0] == str(timing.ROOT / "src")
