@@ -261,7 +261,9 @@ def _eps_kwargs(f: Callable[..., Any]) -> dict[str, float]:
         return {}
 
 
-def _rowwise_ops() -> dict[str, RowwiseOp]:
+def _rowwise_ops() -> tuple[dict[str, RowwiseOp], dict[str, str]]:
+    """The row-wise norms this bnorm has, and why any of them is skipped."""
+    skipped: dict[str, str] = {}
     ops = {
         "layer_norm": RowwiseOp(
             "layer_norm",
@@ -292,17 +294,27 @@ def _rowwise_ops() -> dict[str, RowwiseOp]:
     }
     rms_forward = getattr(F, "rms_norm_forward", None)
     rms_backward = getattr(F, "rms_norm_backward", None)
-    if rms_forward is not None and rms_backward is not None:
-        kw = _eps_kwargs(rms_forward)
-        ops["rms_norm"] = RowwiseOp(
-            "rms_norm",
-            lambda x, w, b, spec: rms_forward(x, x.shape[-1:], w, **kw),
-            rms_backward,
-            lambda x, w, b, spec: naive.rms_norm_forward(x, w, EPS),
-            naive.rms_norm_backward,
-            lambda torch, tx, tw, tb, spec: torch.nn.functional.rms_norm(tx, tx.shape[-1:], tw, EPS),
+    if rms_forward is None or rms_backward is None:
+        skipped["rms_norm"] = (
+            "rms_norm: skipped, bnorm.functional.rms_norm_forward does not exist in this bnorm"
         )
-    return ops
+        return ops, skipped
+    kw = _eps_kwargs(rms_forward)
+    try:  # called as torch.nn.functional.rms_norm is: (input, normalized_shape, weight, eps)
+        probe = np.ones((2, 4), DTYPE)
+        rms_backward(probe, rms_forward(probe, (4,), np.ones(4, DTYPE), **kw)[1])
+    except TypeError as exc:
+        skipped["rms_norm"] = f"rms_norm: skipped, rms_norm_forward(x, (M,), weight) failed: {exc}"
+        return ops, skipped
+    ops["rms_norm"] = RowwiseOp(
+        "rms_norm",
+        lambda x, w, b, spec: rms_forward(x, x.shape[-1:], w, **kw),
+        rms_backward,
+        lambda x, w, b, spec: naive.rms_norm_forward(x, w, EPS),
+        naive.rms_norm_backward,
+        lambda torch, tx, tw, tb, spec: torch.nn.functional.rms_norm(tx, tx.shape[-1:], tw, EPS),
+    )
+    return ops, skipped
 
 
 def _rowwise_problem(section: str, entry: Any) -> tuple[tuple[int, ...], Any, int, dict[str, Any]]:
@@ -440,7 +452,7 @@ def busy_rows(entries: list[Any], torch: Any, condition: str, default_threads: i
         "bnorm": partial(bnorm.set_num_threads, default_threads),
         "bnorm 1 thread": partial(bnorm.set_num_threads, 1),
     }
-    ops = _rowwise_ops()
+    ops, _ = _rowwise_ops()
     for entry in entries:
         if isinstance(entry[0], tuple):  # (shape, groups): group norm
             shape, spec, n, params = _rowwise_problem("group_norm", entry)
@@ -565,14 +577,12 @@ def run(
             mem += batch_norm_memory(shapes["batch_norm"]["large"])
     if "modules" in sections and "small" in sizes:
         go(module_rows(shapes["modules"]["small"], torch))
-    ops = _rowwise_ops()
+    ops, skipped = _rowwise_ops()
     for section in ROWWISE:
         if section not in sections:
             continue
         if section not in ops:
-            notes.append(
-                f"{section}: skipped, bnorm.functional.{section}_forward does not exist in this bnorm"
-            )
+            notes.append(skipped[section])
             continue
         go(rowwise_rows(section, pick(section), torch, ops[section]))
         if memory and "large" in sizes:

@@ -132,16 +132,7 @@ def test_from_json_reprints_the_tables(smoke, tmp_path, capsys):
 
 
 def test_filters_choose_sections_and_sizes():
-    data = bench_suite.run(
-        ["layer_norm"],
-        ["small"],
-        rounds=1,
-        target=1e-4,
-        settle=0.0,
-        shapes=bench_suite.SMOKE_SHAPES,
-        quiet=True,
-        reps=1,
-    )
+    data = _smoke_run(["layer_norm"])
     assert {(r["section"], r["size"]) for r in data["rows"]} == {("layer_norm", "small")}
     assert data["memory"] == []  # memory is measured on the large shapes
     with pytest.raises(SystemExit, match="unknown section"):
@@ -293,3 +284,44 @@ def test_use_source_leaves_a_bnorm_named_by_pythonpath_first(tmp_path, monkeypat
     monkeypatch.setenv("PYTHONPATH", "")
     timing.use_source()
     assert sys.path[0] == str(timing.ROOT / "src")
+
+
+def _smoke_run(sections, sizes=("small",)):
+    return bench_suite.run(
+        list(sections),
+        list(sizes),
+        rounds=1,
+        target=1e-4,
+        settle=0.0,
+        shapes=bench_suite.SMOKE_SHAPES,
+        quiet=True,
+        reps=1,
+    )
+
+
+def test_rms_norm_rows_run_when_bnorm_has_rms_norm(monkeypatch):
+    def rms_norm_forward(x, normalized_shape, weight=None, eps=1e-6):
+        return naive.rms_norm_forward(x, weight, eps)
+
+    monkeypatch.setattr(F, "rms_norm_forward", rms_norm_forward, raising=False)
+    monkeypatch.setattr(F, "rms_norm_backward", naive.rms_norm_backward, raising=False)
+    data = _smoke_run(["rms_norm"])
+    assert {(r["section"], r["op"]) for r in data["rows"]} == {
+        ("rms_norm", "forward"),
+        ("rms_norm", "forward+backward"),
+    }
+    assert data["notes"] == []
+
+
+def test_rms_norm_rows_are_skipped_with_a_reason(monkeypatch):
+    monkeypatch.delattr(F, "rms_norm_forward", raising=False)
+    data = _smoke_run(["rms_norm"])
+    assert data["rows"] == [] and "does not exist" in data["notes"][0]
+
+    def rms_norm_forward(x, *, normalized_shape, weight=None):  # a signature the suite cannot call
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(F, "rms_norm_forward", rms_norm_forward, raising=False)
+    monkeypatch.setattr(F, "rms_norm_backward", naive.rms_norm_backward, raising=False)
+    data = _smoke_run(["rms_norm"])
+    assert data["rows"] == [] and "failed" in data["notes"][0]
