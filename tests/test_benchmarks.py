@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_suite  # noqa: E402
 import naive  # noqa: E402
+import suite_report  # noqa: E402
 
 from bnorm import functional as F  # noqa: E402
 
@@ -106,7 +107,7 @@ def test_memory_and_targets_are_reported(smoke):
     }
     assert all(m["peak_over_input"] > 0 for m in data["memory"])
     names = [t["target"] for t in data["targets"]]
-    assert names == [t.name for t in bench_suite.TARGETS]
+    assert names == [t.name for t in suite_report.TARGETS]
     for t in data["targets"]:
         assert {"measured", "met", "rows"} <= set(t), t["target"]  # every target has rows in the smoke run
     assert "**Targets**" in text and "| target |" in text
@@ -164,7 +165,7 @@ def test_target_evaluation_geomeans_speedups_and_every_row():
             "layer_norm", "forward", "small", {"bnorm/textbook": [1.2, 0.9]}
         ),  # not a target row of LN/GN/IN
     ]
-    targets = {t["target"]: t for t in bench_suite.evaluate_targets({"rows": rows, "memory": []})}
+    targets = {t["target"]: t for t in suite_report.evaluate_targets({"rows": rows, "memory": []})}
     fwd_torch = targets["LN/GN/IN forward <= 4x torch"]
     assert fwd_torch["measured"] == pytest.approx(4.0) and fwd_torch["met"] and fwd_torch["rows"] == 2
     speed = targets["LN/GN/IN forward >= 2x faster than textbook"]
