@@ -567,16 +567,37 @@ def run(
     def pick(section: str) -> dict[str, list[Any]]:
         return {s: v for s, v in shapes.get(section, {}).items() if s in sizes}
 
+    errors: list[str] = []
+
+    def failed(where: str, exc: Exception) -> None:
+        # A bnorm under development may raise: record it, say so, and go on with the next rows.
+        errors.append(f"{where}: {type(exc).__name__}: {exc}")
+        if not quiet:
+            print(f"  ERROR {errors[-1]}", flush=True)
+
     def go(rows: Iterator[Row]) -> None:
-        for row in rows:
-            rec = run_row(row, rounds, target, settle, reps)
-            emit(rec)
-            records.append(rec)
+        try:
+            for row in rows:
+                try:
+                    rec = run_row(row, rounds, target, settle, reps)
+                except Exception as exc:
+                    failed(f"{row.section} {row.op} {row.shape}", exc)
+                    continue
+                emit(rec)
+                records.append(rec)
+        except Exception as exc:  # while building a row: the rest of its section is skipped
+            failed("building the rows", exc)
+
+    def measure_memory(entries: Iterator[dict[str, Any]]) -> None:
+        try:
+            mem.extend(entries)
+        except Exception as exc:
+            failed("peak memory", exc)
 
     if "batch_norm" in sections:
         go(batch_norm_rows(pick("batch_norm"), pick("batch_norm_offset").get("large", []), torch))
         if memory and "large" in sizes:
-            mem += batch_norm_memory(shapes["batch_norm"]["large"])
+            measure_memory(batch_norm_memory(shapes["batch_norm"]["large"]))
     if "modules" in sections and "small" in sizes:
         go(module_rows(shapes["modules"]["small"], torch))
     ops, skipped = _rowwise_ops()
@@ -588,7 +609,7 @@ def run(
             continue
         go(rowwise_rows(section, pick(section), torch, ops[section]))
         if memory and "large" in sizes:
-            mem += rowwise_memory(section, shapes[section]["large"], ops[section])
+            measure_memory(rowwise_memory(section, shapes[section]["large"], ops[section]))
     if "demo" in sections:
         with _one_blas_thread():
             go(demo_rows())
@@ -622,6 +643,7 @@ def run(
         "memory": mem,
         "busy": busy_info,
         "notes": notes,
+        "errors": errors,
     }
     data["noise"] = noise(records)
     data["targets"] = evaluate_targets(data)
@@ -735,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(text, encoding="utf-8")
         print(f"wrote {args.markdown}")
-    return 0
+    return 1 if data["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -322,6 +322,8 @@ def markdown(data: dict[str, Any]) -> str:
             "kernels -- PyTorch's OpenMP pool most -- wait for threads that other processes hold, so the "
             "torch columns (and bnorm's threaded rows) are slower than on a quiet machine.*",
         ]
+    for error in data.get("errors", []):
+        out += ["", f"**Error** (the row is missing from the tables): `{error}`"]
     for note in data.get("notes", []):
         out += ["", f"*{note}*"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

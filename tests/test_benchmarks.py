@@ -326,3 +326,15 @@ def test_rms_norm_rows_are_skipped_with_a_reason(monkeypatch):
     monkeypatch.setattr(F, "rms_norm_backward", naive.rms_norm_backward, raising=False)
     data = _smoke_run(["rms_norm"])
     assert data["rows"] == [] and "failed" in data["notes"][0]
+
+
+def test_a_failing_op_is_recorded_and_the_run_goes_on(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel under construction")
+
+    monkeypatch.setattr(F, "group_norm_forward", broken)
+    data = _smoke_run(["group_norm", "instance_norm"], ("small", "large"))
+    assert {r["section"] for r in data["rows"]} == {"instance_norm"}
+    assert data["errors"] and all("kernel under construction" in e for e in data["errors"])
+    assert any(e.startswith("peak memory") for e in data["errors"])
+    assert "**Error**" in suite_report.markdown(data)
