@@ -265,10 +265,15 @@ _SECTION_TITLES = {
 }
 
 
+def _x(v: float) -> str:
+    """A ratio: two decimals, or two significant digits below 0.1 (a slowed PyTorch gives 0.003)."""
+    return f"{v:.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:.2g}"
+
+
 def _ratio_cell(v: dict[str, float] | None) -> str:
     if v is None:
         return "-"
-    return f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"
+    return f"{_x(v['median'])} [{_x(v['min'])}-{_x(v['max'])}]"
 
 
 def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
@@ -283,7 +288,7 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
         elif s is None:
             cell = f"{m:.3f}x"
         else:
-            cell = f"{m:.2f}x [{s[0]:.2f}-{s[1]:.2f}]"
+            cell = f"{_x(m)}x [{_x(s[0])}-{_x(s[1])}]"
         if t["kind"] == "every<=":
             cell = f"worst {cell}, geomean {t['geomean']:.2f}x"
         if t.get("note"):
