@@ -1,26 +1,26 @@
 """Batch renormalization and ghost batch norm, forward + backward: bnorm vs the NumPy they replace.
 
-Run: ``python benchmarks/bench_family.py [--repeat 15]``.  float32, training
+Run: ``python benchmarks/bench_family.py [--rounds 15]``.  float32, training
 step (forward then backward with a random upstream gradient).  "naive" is the
 textbook NumPy a hand-written network uses (mean/var, x_hat, the corrections,
 the four-statement backward); "bnorm BatchNorm" is plain batch norm on the same
-input, the floor both ops are built on.  The implementations are timed
-interleaved, round by round, and the median and the min-max spread of each are
-printed in milliseconds.  Not a test: speed targets live here.
+input, the floor both ops are built on.  Timed with the shared machinery of
+``timing.py`` (calibrated, settled, interleaved rounds); the median and the
+min-max spread over rounds are printed.  Not a test: speed targets live here.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import numpy as np
+from timing import fmt_stats, interleave, use_source
 
-import bnorm
+use_source()
+import bnorm  # noqa: E402  (after use_source: this checkout's bnorm unless PYTHONPATH names one)
 
 
 def naive_renorm_step(
@@ -59,7 +59,8 @@ def layer_step(layer: Any, x: np.ndarray, g: np.ndarray) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--target", type=float, default=0.05, help="seconds of calls per measurement")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     for shape, v in [((256, 512), 32), ((4096, 256), 128), ((16384, 64), 128)]:
@@ -78,17 +79,10 @@ def main() -> None:
             f"ghost(v={v}) bnorm": partial(layer_step, ghost, x, g),
             "BatchNorm bnorm": partial(layer_step, plain, x, g),
         }
-        times: dict[str, list[float]] = {k: [] for k in impls}
-        for f in impls.values():
-            f()
-        for _ in range(args.repeat):
-            for k, f in impls.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        print(f"{shape} float32, training step (forward + backward):")
-        for k, t in times.items():
-            print(f"  {k:22s} {statistics.median(t):8.3f} ms  ({min(t):.3f}-{max(t):.3f})")
+        results = interleave(impls, args.rounds, args.target)
+        print(f"{shape} float32, training step (forward + backward), median [min-max]:")
+        for k, r in results.items():
+            print(f"  {k:22s} {fmt_stats(r)}")
 
 
 if __name__ == "__main__":
