@@ -212,7 +212,9 @@ def test_machinery_is_generic_over_declared_tuples():
     assert Scale(3, learnable=False).state_dict() == {}
     with pytest.raises(KeyError, match="unexpected keys 'weight'"):
         Scale(3, learnable=False).load_state_dict(a.state_dict())
-    assert a._config() == {"n": 3}  # `learnable` is not stored under its own name
+    # `learnable` is not stored under its own name: the recorded argument is used
+    assert a._config() == {"n": 3, "learnable": True}
+    assert Scale(3, learnable=False)._config() == {"n": 3, "learnable": False}
 
 
 # -- layer(x, training=...) ------------------------------------------------------

@@ -57,6 +57,20 @@ class Module:
     #: State keys an old checkpoint may lack; loading without them keeps the current value.
     _optional_state: tuple[str, ...] = ("num_batches_tracked",)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Record the constructor's arguments (defaults applied) for _config: some
+        # are not kept as attributes of their own name (``bias=False`` leaves
+        # ``bias`` None).  An invalid call records nothing; __init__ reports it.
+        self = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        except TypeError:
+            return self
+        bound.apply_defaults()
+        args_ = {k: v for k, v in bound.arguments.items() if k != "self"}
+        object.__setattr__(self, "_init_args", args_)
+        return self
+
     def __init__(self) -> None:
         self.training = True
 
@@ -199,15 +213,38 @@ class Module:
     def _config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this layer (used by :func:`bnorm.save`).
 
-        By default: every parameter of ``__init__`` that the instance stores
-        under the same attribute name.  Layers whose attributes differ from
-        their arguments override this.
+        For every parameter of ``__init__``: the attribute of the same name
+        when the instance has one (so ``layer.eps = 1e-3`` after construction
+        is saved), except for names that are also state entries (``bias`` is
+        both a flag and an array) -- those, and parameters not stored as
+        attributes, take the value passed to the constructor (recorded by
+        :meth:`__new__`).  A subclass gets this without writing anything;
+        layers whose attributes mean something else than their arguments
+        override it.
         """
         config: dict[str, Any] = {}
+        state = {*self._parameters, *self._buffers}
+        recorded: Mapping[str, Any] = self.__dict__.get("_init_args", {})
         for name, p in inspect.signature(type(self).__init__).parameters.items():
             if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
-            if hasattr(self, name):
+            if name not in state and hasattr(self, name):
                 value = getattr(self, name)
-                config[name] = value.name if isinstance(value, np.dtype) else value
+            elif name in recorded:
+                value = recorded[name]
+            else:
+                continue
+            config[name] = value.name if isinstance(value, np.dtype) else value
         return config
+
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        """Shapes of the arrays ``cls(**config)`` allocates, computed without building it.
+
+        :func:`bnorm.load` compares them with the saved arrays before it
+        builds anything, so a tampered size fails fast instead of allocating.
+        None (the default) means unknown: the loader then bounds the product
+        of the configuration's integers instead.  Raises ValueError or
+        TypeError for a configuration the constructor would refuse.
+        """
+        return None
