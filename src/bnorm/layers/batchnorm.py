@@ -3,7 +3,6 @@ r"""Batch-normalization layers: ``BatchNorm`` (any rank) and ``BatchNorm1d/2d/3d
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, records_explicit, resolve_layer_convention
+from .._running import NonFinitePolicy, check_policy, nonfinite, stage_running_update
 from .._validation import (
     as_float_input,
     check_eps,
@@ -22,9 +22,7 @@ from .._validation import (
 from ..functional._moments import Moments, channel_moments, channel_view, merge_moments
 from ..functional.batch_norm import (
     BatchNormContext,
-    NonFinitePolicy,
     StatsReducer,
-    _check_policy,
     _forward,
     batch_norm_backward,
 )
@@ -143,7 +141,7 @@ class _BatchNormBase(Module):
         dt = np.dtype(dtype)
         if dt.kind != "f":
             raise TypeError(f"dtype must be a floating dtype, got {dt}")
-        _check_policy(on_nonfinite)
+        check_policy(on_nonfinite)
         self.num_features = int(num_features)
         self.eps = eps_f
         self._running = running
@@ -306,18 +304,8 @@ class _BatchNormBase(Module):
             ax = self._check_channels(arr)
             m = channel_moments(channel_view(arr, ax))
             if m.count and not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
-                if self.on_nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"batch {seen - 1} has non-finite statistics (NaN or inf in the input); "
-                        "running statistics left unchanged"
-                    )
-                if self.on_nonfinite == "skip":
-                    warnings.warn(
-                        f"batch {seen - 1} has non-finite statistics (NaN or inf in the input) "
-                        "and was skipped (on_nonfinite='skip')",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                reason = f"batch {seen - 1} has non-finite statistics (NaN or inf in the input)"
+                if not nonfinite(self.on_nonfinite, reason, stacklevel=2):
                     continue
             total = merge_moments(total, m)
             absorbed += 1
@@ -334,8 +322,15 @@ class _BatchNormBase(Module):
                 f"batches must hold more than {ddof} value(s) per channel to compute the "
                 f"{'unbiased' if ddof else 'biased'} variance, got {total.count}"
             )
-        self.running_mean[...] = total.mean
-        self.running_var[...] = total.var(ddof)
+        staged = stage_running_update(
+            [("running_mean", self.running_mean, total.mean), ("running_var", self.running_var, total.var(ddof))],
+            self.on_nonfinite,
+            stacklevel=2,
+        )
+        if staged is None:
+            return self
+        for buffer, value in staged:
+            buffer[...] = value
         assert self.num_batches_tracked is not None
         self.num_batches_tracked[...] = absorbed
         return self

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from .._running import NonFinitePolicy, check_policy
 from .._validation import check_eps, check_fraction, check_positive_int, describe
 from ..functional.group_norm import (
     check_num_groups,
@@ -289,6 +290,11 @@ class _InstanceNorm(_NormLayer):
         Whether the affine includes beta.
     dtype : dtype, default float32, keyword-only
         dtype of the parameters and running buffers.
+    on_nonfinite : {'skip', 'raise', 'propagate'}, default 'skip', keyword-only
+        What a batch whose running-statistics update would not be finite (NaN
+        or inf in the input, or statistics that overflow the buffers' dtype)
+        does: skipped with a RuntimeWarning, FloatingPointError, or absorbed
+        as PyTorch does (batch norm's policy).
 
     Attributes
     ----------
@@ -324,6 +330,7 @@ class _InstanceNorm(_NormLayer):
         *,
         bias: bool = True,
         dtype: DTypeLike = np.float32,
+        on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features")
@@ -333,6 +340,7 @@ class _InstanceNorm(_NormLayer):
         self.track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         use_bias = _check_flag(bias, "bias")
         self.dtype = _check_dtype(dtype)
+        self.on_nonfinite: NonFinitePolicy = check_policy(on_nonfinite)
         c = self.num_features
         self._init_affine((c,), self.affine, self.affine and use_bias)
         self.running_mean: np.ndarray | None = None
@@ -398,6 +406,7 @@ class _InstanceNorm(_NormLayer):
             mode or not self.track_running_stats,
             0.0 if self.momentum is None else self.momentum,
             self.eps,
+            on_nonfinite=self.on_nonfinite,
         )
         self._ctx, self._unbatched = ctx, unbatched
         return y[0] if unbatched else y
