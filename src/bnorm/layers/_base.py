@@ -31,6 +31,44 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+def _checked_value(key: str, src: np.ndarray, dtype: np.dtype[Any], *, nonnegative: bool) -> np.ndarray:
+    """`src` converted to the state entry's `dtype` (a new array), or raise naming `key`.
+
+    Floating entries (parameters, running statistics) take floating arrays
+    only (an integer or bool array is refused: its dtype says it is not one),
+    and a finite value must stay finite in `dtype` (no silent overflow to
+    inf).  Integer entries (the batch counter) take integer values only, within
+    the range of `dtype` -- a float or a bool is refused rather than rounded.
+    """
+    name = f"state[{key!r}]"
+    if dtype.kind == "f":
+        if src.dtype.kind != "f":
+            raise TypeError(
+                f"{name} must be a floating array (a parameter or running statistic), got dtype "
+                f"{src.dtype}; convert it with .astype(np.{dtype.name}) if the values are right"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = src.astype(dtype, copy=True)
+        overflow = np.isfinite(src) & ~np.isfinite(value)
+        if overflow.any():
+            worst = float(np.max(np.abs(src[overflow])))
+            raise ValueError(
+                f"{name} holds {worst:.6g}, beyond the largest {dtype.name} "
+                f"({float(np.finfo(dtype).max):.6g}); it would load as inf"
+            )
+        if nonnegative and np.any(value < 0):
+            raise ValueError(f"{name} must be >= 0 (it is a variance), got minimum {float(np.nanmin(value))!r}")
+        return value
+    if src.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array (a counter), got dtype {src.dtype}")
+    info = np.iinfo(dtype)
+    low = 0 if nonnegative else info.min
+    if src.size and (int(src.min()) < low or int(src.max()) > info.max):
+        bad = src.min() if int(src.min()) < low else src.max()
+        raise ValueError(f"{name} must be >= {low} and <= {info.max} (it is {dtype.name}), got {bad}")
+    return src.astype(dtype, copy=True)
+
+
 class Module:
     """A minimal PyTorch-like layer: ``training`` flag, ``__call__`` -> ``forward``.
 
@@ -56,6 +94,8 @@ class Module:
     _buffers: tuple[str, ...] = ()
     #: State keys an old checkpoint may lack; loading without them keeps the current value.
     _optional_state: tuple[str, ...] = ("num_batches_tracked",)
+    #: State entries that cannot be negative (a variance, a counter); loading a negative value raises.
+    _nonnegative_state: tuple[str, ...] = ("running_var", "num_batches_tracked")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # Record the constructor's arguments (defaults applied) for _config: some
@@ -154,10 +194,14 @@ class Module:
             In strict mode, naming every missing and every unexpected key (a
             subclass of KeyError, ValueError and RuntimeError).
         ValueError
-            If a value's shape differs from the layer's (the message names the
-            key), or ``num_batches_tracked`` is not a non-negative integer.
+            If a value's shape differs from the layer's, a finite value would
+            overflow the layer's dtype, ``running_var`` is negative, or
+            ``num_batches_tracked`` is outside ``[0, 2**63 - 1]`` (each message
+            names the key).
         TypeError
-            If `state` is not a mapping or a value is not numeric.
+            If `state` is not a mapping, a parameter or running statistic is
+            not a floating array (an integer or bool ``weight`` is refused,
+            not converted), or ``num_batches_tracked`` is not an integer array.
 
         Examples
         --------
@@ -193,19 +237,15 @@ class Module:
             if not dst.flags.writeable:
                 raise ValueError(f"{type(self).__name__}.{n} is a read-only array; cannot load into it")
             src = to_numpy(state[n], f"state[{n!r}]")
-            if src.dtype.kind not in "fiub":
-                raise TypeError(f"state[{n!r}] must be a real numeric array, got dtype {src.dtype}")
             if src.shape != dst.shape:
                 raise ValueError(
                     f"state[{n!r}] must have shape {dst.shape} to match {type(self).__name__}, "
                     f"got {src.shape}"
                 )
-            if dst.dtype.kind in "iu":
-                if src.dtype.kind == "f" and not np.all(np.isfinite(src) & (src == np.round(src))):
-                    raise ValueError(f"state[{n!r}] must hold integers, got {src!r}")
-                if np.any(src < 0):
-                    raise ValueError(f"state[{n!r}] must be >= 0, got {src!r}")
-            staged.append((dst, src.astype(dst.dtype, copy=True)))
+            if dst.dtype.kind == "f" and src.dtype.kind in "iu" and not hasattr(state[n], "dtype"):
+                src = src.astype(np.float64)  # Python numbers ([1, 2]) carry no dtype to check
+            value = _checked_value(n, src, dst.dtype, nonnegative=n in self._nonnegative_state)
+            staged.append((dst, value))
         for dst, value in staged:
             dst[...] = value
         return IncompatibleKeys(missing, unexpected)
