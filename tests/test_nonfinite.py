@@ -127,7 +127,7 @@ def test_finite_batches_are_absorbed_without_a_warning(cls):
 def test_functional_batch_norm_checks_after_the_cast():
     x = np.random.default_rng(0).normal(1000.0, 1000.0, size=(16, 2)).astype(np.float32)
     rm, rv = np.zeros(2, np.float16), np.ones(2, np.float16)
-    with pytest.raises(FloatingPointError, match="running_var would overflow .*float16"):
+    with pytest.raises(FloatingPointError, match=r"running_var would overflow .*float16"):
         batch_norm(x, rm, rv, training=True, on_nonfinite="raise")
     assert np.all(rv == 1) and np.all(rm == 0)
 
@@ -135,7 +135,7 @@ def test_functional_batch_norm_checks_after_the_cast():
 def test_functional_instance_norm_takes_the_same_policy():
     x = np.random.default_rng(0).normal(1e20, 1e20, size=(2, 2, 5))
     rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
-    with pytest.raises(FloatingPointError, match="overflow .*float32"):
+    with pytest.raises(FloatingPointError, match=r"overflow .*float32"):
         instance_norm(x, rm, rv, on_nonfinite="raise")
     assert np.all(rv == 1)
     with pytest.warns(RuntimeWarning, match="not finite"):
@@ -148,7 +148,7 @@ def test_functional_instance_norm_takes_the_same_policy():
 def test_recompute_running_stats_checks_the_total_after_the_cast():
     bn = bnorm.BatchNorm1d(2, dtype=np.float16, on_nonfinite="raise")
     batches = [np.random.default_rng(s).normal(0.0, 1000.0, size=(8, 2)) for s in range(3)]
-    with pytest.raises(FloatingPointError, match="running_var would overflow .*float16"):
+    with pytest.raises(FloatingPointError, match=r"running_var would overflow .*float16"):
         bn.recompute_running_stats(batches)
     assert np.all(bn.running_var == 1) and int(bn.num_batches_tracked) == 0
     bn.on_nonfinite = "skip"

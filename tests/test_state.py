@@ -187,7 +187,12 @@ def test_non_numeric_value_is_refused():
     ("key", "value", "error", "message"),
     [
         ("num_batches_tracked", np.array(1e30), TypeError, "must be an integer array .*float64"),
-        ("num_batches_tracked", np.array(2**64 - 1, np.uint64), ValueError, "must be >= 0 and <= 9223372036854775807"),
+        (
+            "num_batches_tracked",
+            np.array(2**64 - 1, np.uint64),
+            ValueError,
+            "must be >= 0 and <= 9223372036854775807",
+        ),
         ("num_batches_tracked", np.array(-3), ValueError, "must be >= 0"),
         ("num_batches_tracked", np.array(True), TypeError, "must be an integer array .*bool"),
         ("weight", np.array([1, 2, 3]), TypeError, "must be a floating array .*int64"),

@@ -137,6 +137,12 @@ def resolve_layer_convention(
     Returns ``(running_average, eps, axis, unbiased_running_var)``.
     """
     if convention is not None:
+        if not isinstance(convention, str):
+            valid = ", ".join(repr(k) for k in CONVENTIONS)
+            raise TypeError(
+                f"convention must be a str, one of {valid} (or None), "
+                f"got {type(convention).__name__} {convention!r}"
+            )
         if convention not in CONVENTIONS:
             valid = ", ".join(repr(k) for k in CONVENTIONS)
             raise ValueError(f"convention must be one of {valid} (or None), got {convention!r}")

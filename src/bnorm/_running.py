@@ -30,9 +30,7 @@ __all__ = ["NonFinitePolicy", "NONFINITE_POLICIES", "check_policy", "nonfinite",
 NonFinitePolicy = Literal["skip", "raise", "propagate"]
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "propagate")
 
-_FIXES = (
-    "Pass on_nonfinite='skip' to skip such batches or 'propagate' to update anyway as PyTorch does"
-)
+_FIXES = "Pass on_nonfinite='skip' to skip such batches or 'propagate' to update anyway as PyTorch does"
 
 
 def check_policy(on_nonfinite: Any) -> NonFinitePolicy:

@@ -57,7 +57,9 @@ def _checked_value(key: str, src: np.ndarray, dtype: np.dtype[Any], *, nonnegati
                 f"({float(np.finfo(dtype).max):.6g}); it would load as inf"
             )
         if nonnegative and np.any(value < 0):
-            raise ValueError(f"{name} must be >= 0 (it is a variance), got minimum {float(np.nanmin(value))!r}")
+            raise ValueError(
+                f"{name} must be >= 0 (it is a variance), got minimum {float(np.nanmin(value))!r}"
+            )
         return value
     if src.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array (a counter), got dtype {src.dtype}")

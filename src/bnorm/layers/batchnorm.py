@@ -12,8 +12,10 @@ from numpy.typing import DTypeLike
 from .._conventions import RunningAverage, records_explicit, resolve_layer_convention
 from .._running import NonFinitePolicy, check_policy, nonfinite, stage_running_update
 from .._validation import (
+    as_array,
     as_float_input,
     check_eps,
+    check_float_dtype,
     check_fraction,
     check_positive_int,
     describe,
@@ -138,9 +140,7 @@ class _BatchNormBase(Module):
         eps_f = check_eps(eps, training=True)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {describe(axis)}")
-        dt = np.dtype(dtype)
-        if dt.kind != "f":
-            raise TypeError(f"dtype must be a floating dtype, got {dt}")
+        dt = check_float_dtype(dtype)
         check_policy(on_nonfinite)
         self.num_features = int(num_features)
         self.eps = eps_f
@@ -323,7 +323,10 @@ class _BatchNormBase(Module):
                 f"{'unbiased' if ddof else 'biased'} variance, got {total.count}"
             )
         staged = stage_running_update(
-            [("running_mean", self.running_mean, total.mean), ("running_var", self.running_var, total.var(ddof))],
+            [
+                ("running_mean", self.running_mean, total.mean),
+                ("running_var", self.running_var, total.var(ddof)),
+            ],
             self.on_nonfinite,
             stacklevel=2,
         )
@@ -378,7 +381,7 @@ class _BatchNormBase(Module):
         ndarray
             Same shape and dtype as `x` (float16 stays float16).
         """
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         self._check_input_dim(arr)
         self._check_channels(arr)
         mode = self.training if training is None else bool(training)

@@ -19,7 +19,14 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .._running import NonFinitePolicy, check_policy
-from .._validation import check_eps, check_fraction, check_positive_int, describe
+from .._validation import (
+    as_array,
+    check_eps,
+    check_float_dtype,
+    check_fraction,
+    check_positive_int,
+    describe,
+)
 from ..functional.group_norm import (
     check_num_groups,
     group_norm_backward,
@@ -34,13 +41,6 @@ from ..functional.layer_norm import (
 from ._base import Module
 
 __all__ = ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
-
-
-def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    dt = np.dtype(dtype)
-    if dt.kind != "f":
-        raise TypeError(f"dtype must be a floating dtype, got {dt}")
-    return dt
 
 
 def _check_flag(value: Any, name: str) -> bool:
@@ -155,7 +155,7 @@ class LayerNorm(_NormLayer):
         self.eps = check_eps(eps, training=False)
         self.elementwise_affine = _check_flag(elementwise_affine, "elementwise_affine")
         use_bias = _check_flag(bias, "bias")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         self._bias_flag = use_bias
         self._init_affine(
             self.normalized_shape, self.elementwise_affine, self.elementwise_affine and use_bias
@@ -244,13 +244,13 @@ class GroupNorm(_NormLayer):
         self.eps = check_eps(eps, training=False)
         self.affine = _check_flag(affine, "affine")
         use_bias = _check_flag(bias, "bias")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         self._init_affine((channels,), self.affine, self.affine and use_bias)
         self._backward_fn = group_norm_backward
 
     def forward(self, x: Any, *, training: bool | None = None) -> np.ndarray:
         """Normalize `x` of shape ``(N, C, *S)``; `training` changes nothing."""
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         if arr.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {arr.ndim}D input)")
         if self.affine and arr.shape[1] != self.num_channels:
@@ -339,7 +339,7 @@ class _InstanceNorm(_NormLayer):
         self.affine = _check_flag(affine, "affine")
         self.track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         use_bias = _check_flag(bias, "bias")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         self.on_nonfinite: NonFinitePolicy = check_policy(on_nonfinite)
         c = self.num_features
         self._init_affine((c,), self.affine, self.affine and use_bias)
@@ -380,7 +380,7 @@ class _InstanceNorm(_NormLayer):
         tracked) absorb the batch.  `training` overrides :attr:`training` for
         this call only.
         """
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         self._check_input_dim(arr)
         feature_dim = arr.ndim - (self._spatial_dims + 1)
         if arr.shape[feature_dim] != self.num_features:
