@@ -280,6 +280,13 @@ class Module:
         return config
 
     @classmethod
+    def _bound_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`config` as the constructor would see it, defaults filled in (TypeError if it does not bind)."""
+        bound = inspect.signature(cls.__init__).bind(None, **config)
+        bound.apply_defaults()
+        return {k: v for k, v in bound.arguments.items() if k != "self"}
+
+    @classmethod
     def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
         """Shapes of the arrays ``cls(**config)`` allocates, computed without building it.
 

@@ -3,7 +3,7 @@ r"""Batch-normalization layers: ``BatchNorm`` (any rank) and ``BatchNorm1d/2d/3d
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -227,6 +227,19 @@ class _BatchNormBase(Module):
             self.weight.fill(1)
         if self.bias is not None:
             self.bias.fill(0)
+
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        args = cls._bound_config(config)
+        c = (check_positive_int(args["num_features"], "num_features"),)
+        shapes: dict[str, tuple[int, ...]] = {}
+        if args["affine"]:
+            shapes["weight"] = c
+            if args.get("bias", True):
+                shapes["bias"] = c
+        if args["track_running_stats"]:
+            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
+        return shapes
 
     def _config(self) -> dict[str, Any]:
         config = super()._config()

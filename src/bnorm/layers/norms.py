@@ -12,7 +12,7 @@ protocol is batch norm's: ``layer(x)`` / ``layer.forward(x)`` keeps the context,
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,26 @@ class _NormLayer(Module):
     def _init_affine(self, shape: tuple[int, ...], weight: bool, bias: bool) -> None:
         self.weight = np.ones(shape, self.dtype) if weight else None
         self.bias = np.zeros(shape, self.dtype) if bias else None
+
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """The shape of weight and bias (and running buffers) for constructor `args`; None: unknown."""
+        return None
+
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        args = cls._bound_config(config)
+        shape = cls._affine_shape(args)
+        if shape is None:
+            return None
+        shapes: dict[str, tuple[int, ...]] = {}
+        if args.get("affine", args.get("elementwise_affine", False)):
+            shapes["weight"] = shape
+            if args.get("bias", True):
+                shapes["bias"] = shape
+        if args.get("track_running_stats", False):
+            shapes.update(running_mean=shape, running_var=shape, num_batches_tracked=())
+        return shapes
 
     def reset_parameters(self) -> None:
         """Set weight to 1 and bias to 0 (where present)."""
@@ -162,6 +182,10 @@ class LayerNorm(_NormLayer):
         )
         self._backward_fn = layer_norm_backward
 
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return check_normalized_shape(args["normalized_shape"])
+
     def forward(self, x: Any, *, training: bool | None = None) -> np.ndarray:
         """Normalize `x` of shape ``(*, *normalized_shape)``; `training` changes nothing."""
         y, self._ctx = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -247,6 +271,10 @@ class GroupNorm(_NormLayer):
         self.dtype = check_float_dtype(dtype)
         self._init_affine((channels,), self.affine, self.affine and use_bias)
         self._backward_fn = group_norm_backward
+
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return (check_positive_int(args["num_channels"], "num_channels"),)
 
     def forward(self, x: Any, *, training: bool | None = None) -> np.ndarray:
         """Normalize `x` of shape ``(N, C, *S)``; `training` changes nothing."""
@@ -352,6 +380,10 @@ class _InstanceNorm(_NormLayer):
             self.num_batches_tracked = np.array(0, dtype=np.int64)
         self._unbatched = False
         self._backward_fn = instance_norm_backward
+
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return (check_positive_int(args["num_features"], "num_features"),)
 
     def reset_running_stats(self) -> None:
         """Zero the running mean and the counter, set the running variance to 1."""
