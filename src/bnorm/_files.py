@@ -131,7 +131,10 @@ def write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename == tmp:
+        if isinstance(err, OSError) and err.filename in (None, tmp):
+            # name the user's path, not the temporary file (or nothing, as a failed write does)
+            if err.errno is None:
+                raise type(err)(f"cannot save to {user_path}: {err}") from err
             raise type(err)(err.errno, f"cannot save to {user_path}: {err.strerror}", user_path) from err
         raise
     # make the rename itself durable (POSIX; not possible on every platform)
