@@ -14,6 +14,7 @@ import struct
 import time
 import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -61,22 +62,59 @@ def peak_while(fn):
 
 
 # -- sizes ------------------------------------------------------------------------
+def deflate_bomb(path, header: bytes, zero_bytes: int, chunk: int = 16 * MiB) -> None:
+    """A valid .npz whose one deflated member inflates to `header` + `zero_bytes` zeros.
+
+    Built in a fraction of a second: after a full flush the deflate state is
+    reset, so every further chunk of zeros compresses to the same bytes, which
+    are repeated; the CRC is computed over the inflated data, so the archive is
+    valid (an unbounded reader would inflate all of it).
+    """
+    assert zero_bytes % chunk == 0
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(chunk)
+    first = comp.compress(header) + comp.flush(zlib.Z_FULL_FLUSH)
+    block = comp.compress(zeros) + comp.flush(zlib.Z_FULL_FLUSH)
+    tail = comp.flush()
+    data = first + block * (zero_bytes // chunk) + tail
+    crc = zlib.crc32(header)
+    for _ in range(zero_bytes // chunk):
+        crc = zlib.crc32(zeros, crc)
+    name, size = b"x.npy", len(header) + zero_bytes
+    fields = struct.pack("<HHHHHIII", 20, 0, 8, 0, 0x21, crc, len(data), size)
+    local = b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name
+    central = (
+        b"PK\x01\x02"
+        + struct.pack("<H", 20)
+        + fields
+        + struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, 0)
+        + name
+    )
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, len(central), len(local) + len(data), 0)
+    path.write_bytes(local + data + central + end)
+
+
 @pytest.fixture(scope="module")
 def bomb(tmp_path_factory):
     """A ~1 MB deflated member that inflates to 1 GiB of float32 zeros."""
     path = tmp_path_factory.mktemp("bomb") / "bomb.npz"
     count = 2**28  # 1 GiB of float32
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        with zf.open("x.npy", "w", force_zip64=True) as f:
-            f.write(npy_bytes({"descr": "<f4", "fortran_order": False, "shape": (count,)}))
-            zeros = bytes(16 * MiB)
-            for _ in range(count * 4 // len(zeros)):
-                f.write(zeros)
+    deflate_bomb(path, npy_bytes({"descr": "<f4", "fortran_order": False, "shape": (count,)}), 4 * count)
     return path
 
 
+def test_the_bomb_is_a_valid_archive(bomb):
+    with zipfile.ZipFile(bomb) as zf:
+        info = zf.getinfo("x.npy")
+        assert info.file_size == 2**30 + 128 and info.compress_size < 1.1 * MiB
+        with zf.open(info) as f:  # the first 64 MiB inflate as declared
+            assert f.read(6) == b"\x93NUMPY"
+            f.read(122)
+            assert f.read(64 * MiB) == bytes(64 * MiB)
+
+
 def test_a_deflate_bomb_fails_fast_with_little_memory(bomb):
-    assert bomb.stat().st_size < 8 * MiB
+    assert bomb.stat().st_size < 1.1 * MiB
     err, peak, seconds = peak_while(lambda: bnorm.load(bomb))
     assert isinstance(err, ValueError), err
     assert re.search(r"would need \d+ bytes of memory, more than max_bytes=268435456", str(err))
