@@ -187,6 +187,22 @@ def test_a_write_error_names_the_users_path_not_the_temporary_file(tmp_path, mon
     assert os.listdir(tmp_path) == []
 
 
+def test_an_unwritable_directory_names_the_users_path(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse(name, *a, **k):  # what os.open does in a 0o555 directory (root ignores the mode)
+        if str(name).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", name)
+        return real_open(name, *a, **k)
+
+    monkeypatch.setattr(os, "open", refuse)
+    path = tmp_path / "m.npz"
+    with pytest.raises(
+        PermissionError, match=rf"cannot save to {re.escape(str(path))}: the directory .* is not writable"
+    ):
+        bnorm.save(path, {"x": np.ones(1)})
+
+
 # -- stale temporary files --------------------------------------------------------------
 KILLED_SAVE = textwrap.dedent(
     """

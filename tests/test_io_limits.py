@@ -62,7 +62,9 @@ def peak_while(fn):
 
 
 # -- sizes ------------------------------------------------------------------------
-def deflate_bomb(path, header: bytes, zero_bytes: int, chunk: int = 16 * MiB) -> None:
+def deflate_bomb(
+    path, header: bytes, zero_bytes: int, chunk: int = 16 * MiB, declared_extra: int = 0
+) -> None:
     """A valid .npz whose one deflated member inflates to `header` + `zero_bytes` zeros.
 
     Built in a fraction of a second: after a full flush the deflate state is
@@ -80,7 +82,7 @@ def deflate_bomb(path, header: bytes, zero_bytes: int, chunk: int = 16 * MiB) ->
     crc = zlib.crc32(header)
     for _ in range(zero_bytes // chunk):
         crc = zlib.crc32(zeros, crc)
-    name, size = b"x.npy", len(header) + zero_bytes
+    name, size = b"x.npy", len(header) + zero_bytes + declared_extra
     fields = struct.pack("<HHHHHIII", 20, 0, 8, 0, 0x21, crc, len(data), size)
     local = b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name
     central = (
@@ -351,3 +353,89 @@ def test_savez_compressed_files_still_load(tmp_path):
     np.testing.assert_array_equal(back["a"], np.arange(1000.0))
     assert back["b"].dtype == np.float16 and back["f"].shape == (3, 2)
     back["a"][0] = 5  # writable, as numpy.load returns them
+
+
+def _patch_central(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """Rewrite one field of the (single) central directory header."""
+    out = bytearray(data)
+    i = out.find(b"PK\x01\x02")
+    struct.pack_into(fmt, out, i + offset, value)
+    return bytes(out)
+
+
+def _one_member(path) -> bytes:
+    write_members(
+        path, {"x.npy": npy_bytes({"descr": "<f8", "fortran_order": False, "shape": (4,)}, bytes(32))}
+    )
+    return path.read_bytes()
+
+
+def test_an_encrypted_member_is_refused(tmp_path):
+    path = tmp_path / "enc.npz"
+    path.write_bytes(_patch_central(_one_member(path), 8, "<H", 0x1))
+    with pytest.raises(ValueError, match=r"member 'x\.npy' is encrypted"):
+        bnorm.load(path)
+
+
+def test_a_compressed_size_beyond_the_file_is_refused(tmp_path):
+    path = tmp_path / "big.npz"
+    path.write_bytes(_patch_central(_one_member(path), 20, "<I", 0x7FFFFFF0))
+    with pytest.raises(
+        ValueError, match=r"member 'x\.npy' declares 2147483632 compressed bytes in a file of \d+"
+    ):
+        bnorm.load(path, max_bytes=None)
+
+
+def test_a_duplicate_member_is_refused(tmp_path):
+    path = tmp_path / "dup.npz"
+    data = npy_bytes({"descr": "<f8", "fortran_order": False, "shape": ()}, bytes(8))
+    with zipfile.ZipFile(path, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("x.npy", data)
+        zf.writestr("x.npy", data)
+    with pytest.raises(ValueError, match=r"member 'x\.npy' appears twice in the archive"):
+        bnorm.load(path)
+
+
+def test_a_member_that_is_not_a_npy_stream(tmp_path):
+    path = tmp_path / "bad.npz"
+    write_members(path, {"x.npy": b"definitely not numpy"})
+    with pytest.raises(ValueError, match=r"member 'x\.npy' is not a valid \.npy array"):
+        bnorm.load(path)
+
+
+def test_a_deflated_member_that_ends_before_its_declared_size(tmp_path):
+    path = tmp_path / "short.npz"
+    header = npy_bytes({"descr": "<f4", "fortran_order": False, "shape": (2**20 + 4,)})
+    deflate_bomb(path, header, 4 * 2**20, chunk=2**20, declared_extra=16)
+    with pytest.raises(ValueError, match=r"member 'x\.npy' is truncated \(4194304 of 4194320 bytes\)"):
+        bnorm.load(path)
+
+
+def test_a_layer_class_without_state_shapes_is_bounded_by_its_integer_arguments(tmp_path, monkeypatch):
+    path = _layer_file(
+        tmp_path,
+        lambda c: c.update(num_features=10**13),
+        absent=["weight", "bias", "running_mean", "running_var", "num_batches_tracked"],
+    )
+    monkeypatch.setattr(bnorm.BatchNorm1d, "_state_shapes", classmethod(lambda cls, config: None))
+    err, peak, _ = peak_while(lambda: bnorm.load(path))
+    assert isinstance(err, ValueError) and re.search(r"describe 80000000000000 bytes", str(err)), err
+    assert peak < 4 * MiB
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        (np.array(["a", "b"]), r"member __bnorm__\.npy\): the metadata must be a 0-d string"),
+        (np.array("{not json"), r"member __bnorm__\.npy\): unreadable metadata"),
+        (np.array('{"format": "other"}'), r"member __bnorm__\.npy\): unknown metadata"),
+    ],
+    ids=["not-0d", "not-json", "not-bnorm"],
+)
+def test_unreadable_metadata_names_the_member(tmp_path, meta, message):
+    path = tmp_path / "meta.npz"
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, meta, allow_pickle=False)
+    write_members(path, {"__bnorm__.npy": buf.getvalue()})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a valid bnorm file \({message}"):
+        bnorm.load(path)

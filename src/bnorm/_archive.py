@@ -135,8 +135,6 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.n
                 raise ValueError(f"{where} is truncated ({pos} of {nbytes} bytes)")
             raw[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
             pos += len(chunk)
-        if fp.read(1):
-            raise ValueError(f"{where} holds more data than its header declares")
     return flat.reshape(shape, order="F" if fortran else "C")
 
 

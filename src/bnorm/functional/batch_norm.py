@@ -25,7 +25,7 @@ from .._validation import (
     normalize_axis,
     shape_text,
 )
-from ._common import check_out, param_grads, start_backward
+from ._common import check_out, overlaps, param_grads, start_backward
 from ._moments import (
     Moments,
     affine_pass,
@@ -231,7 +231,7 @@ def _forward(
         count=n if batch_stats else x3.shape[0] * x3.shape[2],
         stats_updated=stats_updated,
         reducer=reducer,
-        input_overwritten=out is not None and np.shares_memory(y, x),
+        input_overwritten=out is not None and overlaps(y, x),
     )
     return y, ctx
 
