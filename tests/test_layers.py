@@ -92,7 +92,7 @@ def test_explicit_arguments_override_preset(rng):
 
 @pytest.mark.parametrize("decay", [0.9, 0.99, 0.5])
 def test_decay_form_several_steps(rng, decay):
-    """Article 000/002/004 and d2l: moving = decay * moving + (1 - decay) * batch, biased."""
+    """The TF 1 and from-scratch tutorials and d2l: moving = decay * moving + (1 - decay) * batch, biased."""
     bn = bnorm.BatchNorm(3, decay=decay, unbiased_running_var=False, dtype=np.float64)
     rm, rv = np.zeros(3), np.ones(3)
     for _ in range(4):

@@ -258,7 +258,7 @@ def test_group_norm_c_groups_is_instance_norm(rng, shape):
 
 
 def test_instance_norm_is_batch_norm_of_each_sample(rng):
-    """Batch norm with batch size 1 is instance norm (article 001)."""
+    """Batch norm with batch size 1 is instance norm (the PyTorch tutorial's remark)."""
     x = _data(rng, (3, 4, 5, 2))
     w, b = rng.normal(size=4), rng.normal(size=4)
     y = instance_norm(x, weight=w, bias=b)

@@ -7,7 +7,14 @@
 ((8, 3, 4, 4), 1)
 """
 
-from . import distributed, fold, functional, interop, preprocessing
+from . import (
+    _requirements,  # noqa: F401  (first: an ImportError on NumPy < 2.0, before anything fails)
+    distributed,
+    fold,
+    functional,
+    interop,
+    preprocessing,
+)
 from ._conventions import CONVENTIONS, Convention
 from ._version import __version__
 from .functional._moments import num_threads, set_num_threads

@@ -5,8 +5,8 @@ docs):
 
 * **momentum** (PyTorch): the weight on the *new* batch,
   ``running = (1 - momentum) * running + momentum * batch``.
-* **decay** (Keras, TensorFlow, ONNX, Flax, d2l, CS231n, and the articles'
-  ``moving_momentum``): the weight on the *old* value,
+* **decay** (Keras, TensorFlow, ONNX, Flax, d2l, CS231n, and the from-scratch
+  tutorials' ``moving_momentum``): the weight on the *old* value,
   ``running = decay * running + (1 - decay) * batch``.
 
 ``decay = d`` is the same average as ``momentum = 1 - d``; bnorm evaluates each in

@@ -13,6 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+# The example shows an environment with every demo extra (see the repository's src/conftest.py).
+__doctest_requires__ = {"missing_demo_packages": ("sklearn", "matplotlib", "tqdm")}
+
 __all__ = ["DEMO_INSTALL_HINT", "main", "missing_demo_packages"]
 
 #: What to run when the demo's optional packages are missing.

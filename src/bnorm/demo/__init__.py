@@ -47,6 +47,9 @@ from .experiment import (
     run_experiment,
 )
 
+# The examples train on scikit-learn's bundled digits (see the repository's src/conftest.py).
+__doctest_requires__ = {"*": ("sklearn",)}
+
 __all__ = [
     "DEFAULTS",
     "Dataset",

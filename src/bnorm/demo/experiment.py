@@ -36,6 +36,9 @@ from .nn import (
     softmax_cross_entropy,
 )
 
+# The examples train on scikit-learn's bundled digits (see the repository's src/conftest.py).
+__doctest_requires__ = {"*": ("sklearn",)}
+
 __all__ = [
     "DEFAULTS",
     "PERCENTILES",
@@ -158,11 +161,11 @@ def build_cnn(
     channels: tuple[int, int] = (8, 16),
     dtype: DTypeLike = np.float32,
 ) -> tuple[Sequential, int]:
-    """Article 000's CNN sized for small images: two conv 3x3 blocks and a linear layer.
+    """The from-scratch tutorials' MNIST CNN sized for small images: two conv 3x3 blocks and a linear layer.
 
     conv 3x3 (pad 1) [-> BatchNorm2d] -> ReLU -> max-pool 2 -> conv 3x3 (pad 1)
-    [-> BatchNorm2d] -> ReLU -> max-pool 2 -> flatten -> linear.  (Article 000
-    uses a 5x5 second conv on 28x28 MNIST; on 8x8 digits the second conv sees
+    [-> BatchNorm2d] -> ReLU -> max-pool 2 -> flatten -> linear.  (The tutorials
+    use a 5x5 second conv on 28x28 MNIST; on 8x8 digits the second conv sees
     4x4 maps, so it is 3x3 here.)  H and W must be divisible by 4.
 
     Parameters
@@ -350,8 +353,8 @@ def run_experiment(
     Parameters
     ----------
     model : {'mlp', 'cnn'}, default 'mlp'
-        The paper's 3x100 sigmoid MLP (:func:`build_mlp`) or the articles'
-        small CNN (:func:`build_cnn`).
+        The paper's 3x100 sigmoid MLP (:func:`build_mlp`) or the from-scratch
+        tutorials' small CNN (:func:`build_cnn`).
     steps : int or None
         SGD steps; None takes ``DEFAULTS[model].steps`` (``quick_steps`` with `quick`).
     lr : float or None

@@ -15,6 +15,9 @@ from typing import IO
 
 from .experiment import PERCENTILES, ExperimentResult, History
 
+# The example runs an experiment on scikit-learn's digits (see the repository's src/conftest.py).
+__doctest_requires__ = {"format_table": ("sklearn",)}
+
 __all__ = [
     "MODEL_TITLES",
     "PROBE_NAMES",

@@ -351,7 +351,7 @@ def batch_norm(
         Added to the variance; > 0 in training, >= 0 in evaluation.
     decay : float in [0, 1] or None
         The weight on the *old* running value (Keras/TF/ONNX/Flax/d2l
-        ``momentum``, the articles' ``decay`` and ``moving_momentum``); the
+        ``momentum``, TF 1's ``decay``, the from-scratch ``moving_momentum``); the
         same average as ``momentum = 1 - decay``.  Give momentum or decay, not both.
     axis : int
         The channel axis: 1 (channels-first, PyTorch/ONNX) or -1 (channels-last,

@@ -52,8 +52,8 @@ _SECTIONS = inspect.cleandoc(
         statistics in evaluation too and keeps no buffers (they are None).
     decay : float in [0, 1] or None, keyword-only
         The weight on the *old* value, ``running = decay * running + (1 - decay)
-        * batch`` (Keras/TF/ONNX/Flax ``momentum``, d2l, the articles'
-        ``moving_momentum``).  Give momentum or decay, not both.
+        * batch`` (Keras/TF/ONNX/Flax ``momentum``, d2l.ai, the from-scratch
+        tutorials' ``moving_momentum``).  Give momentum or decay, not both.
     axis : int, default 1, keyword-only
         The channel axis: 1 channels-first, -1 channels-last.
     unbiased_running_var : bool, default True, keyword-only
