@@ -276,6 +276,8 @@ class Module:
                 value = recorded[name]
             else:
                 continue
+            if isinstance(value, type) and issubclass(value, np.generic):
+                value = np.dtype(value)  # dtype=np.float64 as passed
             config[name] = value.name if isinstance(value, np.dtype) else value
         return config
 
