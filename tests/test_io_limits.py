@@ -439,3 +439,22 @@ def test_unreadable_metadata_names_the_member(tmp_path, meta, message):
     write_members(path, {"__bnorm__.npy": buf.getvalue()})
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a valid bnorm file \({message}"):
         bnorm.load(path)
+
+
+def test_the_number_of_members_is_bounded_before_the_directory_is_parsed(tmp_path):
+    path = tmp_path / "many.npz"
+    bnorm.save(path, {f"a{i}": np.zeros(1) for i in range(100)})
+    with pytest.raises(
+        ValueError, match=r"declares 101 members in a \d+-byte zip directory, more than max_bytes=100000"
+    ):
+        bnorm.load(path, max_bytes=100_000)
+    assert len(bnorm.load(path)) == 100
+
+
+def test_metadata_is_bounded_before_it_is_parsed(tmp_path):
+    path = tmp_path / "meta.npz"
+    bnorm.save(path, {"bn": bnorm.BatchNorm1d(3)})
+    with pytest.raises(
+        ValueError, match=r"characters of metadata would take more than max_bytes=10000 to parse"
+    ):
+        bnorm.load(path, max_bytes=10_000)

@@ -10,7 +10,9 @@ which are checked *before* anything is read:
   can produce (``compress_size`` for stored members, ``1032 * compress_size +
   1032`` for deflate, whose best ratio is 1032:1) and its compressed size fits
   in the file;
-* the declared sizes sum to at most `max_bytes` (see :data:`DEFAULT_MAX_BYTES`);
+* the number of members (1 KiB of bookkeeping each, checked from the
+  end-of-directory record before the directory is parsed) and the declared
+  sizes sum to at most `max_bytes` (see :data:`DEFAULT_MAX_BYTES`);
 * each ``.npy`` header's ``shape x itemsize`` plus the header's length equals
   the member's declared size, and its dtype holds no Python objects.
 
@@ -43,6 +45,10 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 # Deflate's best ratio is 1032:1 (258-byte matches coded in 2 bits); 1032 more bytes of slack.
 _DEFLATE_RATIO = 1032
 _CHUNK = 16 * 2**20
+# What parsing one member costs before any array exists (zipfile's ZipInfo, names,
+# dict entries: ~0.5 KiB measured, doubled): counted against max_bytes, so a file of
+# millions of tiny members cannot exhaust memory in the zip directory alone.
+_MEMBER_OVERHEAD = 1024
 _MAX_HEADER = 10_000  # numpy's own default limit on a .npy header
 
 # What zipfile and zlib raise on damaged data.
@@ -188,6 +194,31 @@ def _check_directory(
     return infos
 
 
+def _check_member_count(name: str, f: IO[bytes], max_bytes: int | None) -> None:
+    """Bound the zip directory before :class:`zipfile.ZipFile` parses all of it.
+
+    Reads the end-of-central-directory record (zipfile's own reader, which
+    also follows zip64) for the number of members and the directory's size.
+    """
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if max_bytes is None or end_record is None:
+        return
+    try:
+        record = end_record(f)
+    except OSError:
+        record = None
+    f.seek(0)
+    if not record:
+        return  # not a zip: ZipFile reports it
+    members, size = int(record[4]), int(record[5])  # _ECD_ENTRIES_TOTAL, _ECD_SIZE
+    if members * _MEMBER_OVERHEAD + size > max_bytes:
+        raise ValueError(
+            f"{name} declares {members} members in a {size}-byte zip directory, more than "
+            f"max_bytes={max_bytes} allows for; if you trust the file, pass a larger max_bytes "
+            "(or max_bytes=None) to bnorm.load"
+        )
+
+
 def read_npz(name: str, max_bytes: int | None = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` archive `name`, keyed by member name without ``.npy``.
 
@@ -208,6 +239,7 @@ def read_npz(name: str, max_bytes: int | None = DEFAULT_MAX_BYTES) -> dict[str, 
             )
         f.seek(0)
         file_size = os.fstat(f.fileno()).st_size
+        _check_member_count(name, f, max_bytes)
         try:
             zf = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as err:

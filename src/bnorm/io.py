@@ -48,6 +48,7 @@ __all__ = ["save", "load", "FORMAT_VERSION", "DEFAULT_MAX_BYTES"]
 #: Version of the ``__bnorm__`` metadata written by :func:`save`.
 FORMAT_VERSION = 1
 _META_KEY = "__bnorm__"
+_JSON_EXPANSION = 8
 #: Deepest nesting of mappings a file may describe (a deeper one is refused, not recursed into).
 MAX_DEPTH = 100
 
@@ -462,6 +463,13 @@ def load(path: PathLike, *, rebuild: bool = True, max_bytes: int | None = DEFAUL
     where = f"{name} is not a valid bnorm file (member {_META_KEY}.npy)"
     if meta.dtype.kind != "U" or meta.shape != ():
         raise ValueError(f"{where}: the metadata must be a 0-d string")
+    # Parsed JSON takes up to ~7x the 4 bytes per character of the string (small
+    # dicts); 8x is counted against the limit before parsing.
+    if budget is not None and _JSON_EXPANSION * meta.nbytes > budget:
+        raise ValueError(
+            f"{where}: {meta.nbytes // 4} characters of metadata would take more than "
+            f"max_bytes={budget} to parse; if you trust the file, pass a larger max_bytes"
+        )
     try:
         info = json.loads(str(meta[()]))
     except json.JSONDecodeError as err:
