@@ -111,7 +111,7 @@ def _model_hint(obj: Any) -> str:
 
 def _unsupported(obj: Any, where: str) -> TypeError:
     return TypeError(
-        f"cannot save {where}: a {_type_name(obj)} is not an array; {_ACCEPTS}{_model_hint(obj)}"
+        f"cannot save {where}: got {_type_name(obj)}, not an array or tensor; {_ACCEPTS}{_model_hint(obj)}"
     )
 
 
