@@ -23,7 +23,10 @@ def test_defaults_as_pytorch():
     assert bn.num_batches_tracked.dtype == np.int64 and bn.num_batches_tracked.shape == ()
     assert bn.weight.dtype == np.float32 and bn.running_var.dtype == np.float32
     assert bn.gamma is bn.weight and bn.beta is bn.bias
-    assert repr(bn) == "BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)"
+    assert (
+        repr(bn)
+        == "BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)"
+    )
 
 
 def test_vector1_and_2_layer():

@@ -15,7 +15,7 @@ from . import (
     interop,
     preprocessing,
 )
-from ._conventions import CONVENTIONS, Convention
+from ._conventions import CONVENTIONS, Convention, MomentumConventionWarning
 from ._version import __version__
 from .functional._moments import num_threads, set_num_threads
 from .io import load, save
@@ -38,6 +38,7 @@ __all__ = [
     "functional",
     "CONVENTIONS",
     "Convention",
+    "MomentumConventionWarning",
     "Module",
     "BatchNorm",
     "BatchNorm1d",

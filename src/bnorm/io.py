@@ -39,6 +39,7 @@ from typing import IO, Any
 import numpy as np
 
 from ._archive import DEFAULT_MAX_BYTES, read_npz
+from ._conventions import deliberate_momentum
 from ._convert import to_numpy
 from ._files import write_atomic
 from .layers._base import Module
@@ -224,7 +225,7 @@ def save(path: PathLike, obj: Any) -> None:
     ['__bnorm__', 'extra/step', 'stem/bn/bias']
     >>> back = bnorm.load(path)
     >>> back["stem"]["bn"], back["stem"]["bn"].training, int(back["extra"]["step"])
-    (BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True), False, 7)
+    (BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True), False, 7)
     """
     if not isinstance(obj, (Module, Mapping)):
         hint = _model_hint(obj)
@@ -381,7 +382,8 @@ class _Reader:
         if self.budget is not None:
             self.budget -= nbytes
         try:
-            layer = cls(**config)
+            with deliberate_momentum():  # warned about when it was built, not again on load
+                layer = cls(**config)
         except (TypeError, ValueError) as err:
             raise cannot(err) from err
         for n in absent:
@@ -446,7 +448,7 @@ def load(path: PathLike, *, rebuild: bool = True, max_bytes: int | None = DEFAUL
     >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]]))
     >>> bnorm.save(path, bn)
     >>> bnorm.load(path)
-    BatchNorm1d(2, eps=1e-05, momentum=None, affine=True, track_running_stats=True, dtype=float64)
+    BatchNorm1d(2, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True, dtype=float64)
     >>> bnorm.load(path, rebuild=False)["running_var"]
     array([ 4., 16.])
     """

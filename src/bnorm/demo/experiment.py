@@ -262,6 +262,8 @@ class ExperimentResult:
     seconds : float
         Wall-clock training time (not part of :meth:`to_json`: the JSON is
         deterministic for a seed).
+    checkpoints : int
+        Evaluations per decade of steps (see :class:`Settings`).
     """
 
     model: str
@@ -273,10 +275,40 @@ class ExperimentResult:
     target: float
     histories: dict[str, History]
     seconds: float = 0.0
+    checkpoints: int = 20
+
+    def steps_to_target(self) -> dict[str, int | None]:
+        """``{"bn": step, "plain": step}``: each variant's first checkpoint at or above the target."""
+        return {v: self.histories[v].steps_to(self.target) for v in VARIANTS}
 
     def to_json(self) -> dict[str, Any]:
-        """``{"bn": {...}, "plain": {...}}`` as in :meth:`History.to_json`."""
-        return {v: self.histories[v].to_json() for v in VARIANTS}
+        """Everything needed to reproduce and read the run, as JSON values.
+
+        ``{"bnorm_version", "config": {"model", "data", "steps", "lr", "batch_size",
+        "seed", "target", "checkpoints", "optimizer"}, "steps_to_target": {"bn",
+        "plain"}, "bn": {...}, "plain": {...}}`` with the curves as in
+        :meth:`History.to_json`; a step to target that was not reached is null.
+        """
+        from .._version import __version__
+
+        config = {
+            "model": self.model,
+            "data": self.dataset,
+            "steps": self.steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "target": self.target,
+            "checkpoints": self.checkpoints,
+            "optimizer": "SGD (no momentum, no weight decay), softmax cross-entropy",
+        }
+        doc: dict[str, Any] = {
+            "bnorm_version": __version__,
+            "config": config,
+            "steps_to_target": self.steps_to_target(),
+        }
+        doc.update((v, self.histories[v].to_json()) for v in VARIANTS)
+        return doc
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -390,8 +422,8 @@ def run_experiment(
     Examples
     --------
     >>> r = run_experiment("mlp", steps=20, checkpoints=2)
-    >>> r.histories["bn"].steps, sorted(r.to_json())
-    ([0, 10, 20], ['bn', 'plain'])
+    >>> r.histories["bn"].steps, list(r.to_json())
+    ([0, 10, 20], ['bnorm_version', 'config', 'steps_to_target', 'bn', 'plain'])
     """
     if model not in DEFAULTS:
         raise ValueError(f"model must be one of {', '.join(map(repr, DEFAULTS))}, got {model!r}")
@@ -471,4 +503,5 @@ def run_experiment(
         target=float(target),
         histories=histories,
         seconds=time.perf_counter() - start,
+        checkpoints=int(n_ckpt),
     )

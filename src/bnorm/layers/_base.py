@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._convert import to_numpy
+from .._validation import check_bool, check_call
 
 __all__ = ["Module", "IncompatibleKeys", "StateDictKeyError"]
 
@@ -71,6 +72,35 @@ def _checked_value(key: str, src: np.ndarray, dtype: np.dtype[Any], *, nonnegati
     return src.astype(dtype, copy=True)
 
 
+def _sub_state(state: Mapping[str, Any], prefix: Any, owner: str) -> dict[str, Any]:
+    """The entries of `state` under `prefix` (a dotted module path), with the prefix removed."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str such as '1.' or 'features.3.', got {type(prefix).__name__}")
+    if not prefix.endswith("."):
+        prefix += "."
+    sub = {str(k)[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
+    if not sub:
+        owners = sorted({str(k).rsplit(".", 1)[0] + "." for k in state if "." in str(k)})
+        shown = ", ".join(repr(p) for p in owners[:12]) + (", ..." if len(owners) > 12 else "")
+        raise StateDictKeyError(
+            f"no key of state starts with {prefix!r}, so there is nothing to load into {owner}; "
+            f"the prefixes in state are {shown or 'none (its keys have no dots)'}"
+        )
+    return sub
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _init_signature(cls: type) -> inspect.Signature:
+    """``cls.__init__``'s signature without ``self`` (computed once per class)."""
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        full = inspect.signature(cls.__init__)  # type: ignore[misc]
+        sig = _SIGNATURES[cls] = full.replace(parameters=list(full.parameters.values())[1:])
+    return sig
+
+
 class Module:
     """A minimal PyTorch-like layer: ``training`` flag, ``__call__`` -> ``forward``.
 
@@ -100,17 +130,20 @@ class Module:
     _nonnegative_state: tuple[str, ...] = ("running_var", "num_batches_tracked")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        # Record the constructor's arguments (defaults applied) for _config: some
-        # are not kept as attributes of their own name (``bias=False`` leaves
-        # ``bias`` None).  An invalid call records nothing; __init__ reports it.
+        # Check the call against the subclass's own signature before __init__ runs, so a
+        # mistyped keyword names the class the user wrote and the closest valid keyword.
+        # (No arguments at all is also how copy and pickle create instances: nothing to check.)
+        if args or kwargs:
+            check_call(cls.__name__, _init_signature(cls), args, kwargs)
         self = super().__new__(cls)
+        # Record the constructor's arguments (defaults applied) for _config: some are
+        # not kept as attributes of their own name (``bias=False`` leaves ``bias`` None).
         try:
-            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+            bound = _init_signature(cls).bind(*args, **kwargs)
         except TypeError:
-            return self
+            return self  # copy/pickle: __dict__ (with _init_args) is restored afterwards
         bound.apply_defaults()
-        args_ = {k: v for k, v in bound.arguments.items() if k != "self"}
-        object.__setattr__(self, "_init_args", args_)
+        object.__setattr__(self, "_init_args", dict(bound.arguments))
         return self
 
     def __init__(self) -> None:
@@ -118,10 +151,12 @@ class Module:
 
     def train(self, mode: bool = True) -> Any:
         """Set training mode (``mode=False`` is evaluation); returns self."""
-        if not isinstance(mode, (bool, np.bool_)):
-            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
-        self.training = bool(mode)
+        self.training = check_bool(mode, "mode")
         return self
+
+    def _mode(self, training: Any) -> bool:
+        """The mode of one call: :attr:`training`, or the per-call override (a real bool)."""
+        return self.training if training is None else check_bool(training, "training")
 
     def eval(self) -> Any:
         """Set evaluation mode; returns self."""
@@ -166,7 +201,9 @@ class Module:
         """
         return {n: np.array(getattr(self, n), copy=True) for n in self._state_names()}
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+    def load_state_dict(
+        self, state: Mapping[str, Any], strict: bool = True, *, prefix: str = ""
+    ) -> IncompatibleKeys:
         """Copy `state` into the layer's parameters and buffers.
 
         Values may be NumPy arrays, PyTorch tensors (converted by duck typing,
@@ -184,6 +221,13 @@ class Module:
         strict : bool, default True
             Require the keys to match exactly; otherwise load the keys that
             match and report the others.
+        prefix : str, default "", keyword-only
+            Load one layer out of a whole model's state dict: only the keys
+            that start with ``prefix`` are read, with the prefix removed
+            (``prefix="1."`` reads ``"1.running_mean"`` as ``running_mean``);
+            the other layers' keys are ignored, not unexpected.  A trailing
+            ``.`` is added when missing (``"1"`` is ``"1."``), so ``"1"`` never
+            picks up ``"10.weight"``.
 
         Returns
         -------
@@ -194,7 +238,9 @@ class Module:
         ------
         StateDictKeyError
             In strict mode, naming every missing and every unexpected key (a
-            subclass of KeyError, ValueError and RuntimeError).
+            subclass of KeyError, ValueError and RuntimeError); with `prefix`,
+            in either mode, when no key starts with it (the message lists the
+            prefixes the state holds).
         ValueError
             If a value's shape differs from the layer's, a finite value would
             overflow the layer's dtype, ``running_var`` is negative, or
@@ -214,9 +260,19 @@ class Module:
         IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         >>> b.running_mean, int(b.num_batches_tracked)
         (array([0.3, 0.6], dtype=float32), 1)
+
+        One layer of a whole model's state dict (here PyTorch's
+        ``Sequential(Linear, BatchNorm1d)``):
+
+        >>> model_state = {"0.weight": np.ones((2, 2)), "0.bias": np.zeros(2),
+        ...                **{f"1.{k}": v for k, v in a.state_dict().items()}}
+        >>> b.load_state_dict(model_state, prefix="1.")
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
+        if prefix:
+            state = _sub_state(state, prefix, type(self).__name__)
         names = self._state_names()
         unexpected = [str(k) for k in state if k not in names]
         missing = [n for n in names if n not in state and n not in self._optional_state]
@@ -267,8 +323,8 @@ class Module:
         config: dict[str, Any] = {}
         state = {*self._parameters, *self._buffers}
         recorded: Mapping[str, Any] = self.__dict__.get("_init_args", {})
-        for name, p in inspect.signature(type(self).__init__).parameters.items():
-            if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        for name, p in _init_signature(type(self)).parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             if name not in state and hasattr(self, name):
                 value = getattr(self, name)
@@ -284,9 +340,9 @@ class Module:
     @classmethod
     def _bound_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """`config` as the constructor would see it, defaults filled in (TypeError if it does not bind)."""
-        bound = inspect.signature(cls.__init__).bind(None, **config)
+        bound = _init_signature(cls).bind(**config)
         bound.apply_defaults()
-        return {k: v for k, v in bound.arguments.items() if k != "self"}
+        return dict(bound.arguments)
 
     @classmethod
     def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
