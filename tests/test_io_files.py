@@ -95,6 +95,19 @@ def test_safetensors_file_is_named(tmp_path):
         bnorm.load(path)
 
 
+@pytest.mark.parametrize(
+    ("data", "start"), [(b"", "it is empty"), (b'{"weights": [1]}', "it starts with b'{\"weight'")]
+)
+def test_other_files_say_how_they_start_and_what_load_reads(tmp_path, data, start):
+    path = tmp_path / "notes.json"
+    path.write_bytes(data)
+    with pytest.raises(
+        ValueError,
+        match=rf"is not a readable \.npz file \(not a zip archive\): {re.escape(start)}.*bnorm\.save and numpy\.savez",
+    ):
+        bnorm.load(path)
+
+
 # -- save: paths and objects in messages ------------------------------------------------
 def test_saving_into_a_missing_directory_names_the_users_path(tmp_path):
     path = tmp_path / "no" / "such" / "m.npz"

@@ -232,8 +232,11 @@ def read_npz(name: str, max_bytes: int | None = DEFAULT_MAX_BYTES) -> dict[str, 
     with open(name, "rb") as f:
         head = f.read(16)
         if not head.startswith(b"PK"):
+            start = f"it starts with {head[:8]!r}" if head else "it is empty"
             raise ValueError(
-                _foreign_stream(name, head) or f"{name} is not a readable .npz file (not a zip archive)"
+                _foreign_stream(name, head)
+                or f"{name} is not a readable .npz file (not a zip archive): {start}; bnorm.load reads "
+                "the files bnorm.save and numpy.savez write"
             )
         f.seek(0)
         file_size = os.fstat(f.fileno()).st_size
