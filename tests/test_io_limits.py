@@ -19,6 +19,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import bnorm
 from bnorm import io as bio
@@ -514,3 +516,30 @@ def test_a_subarray_dtype_header_is_refused(tmp_path):
     write_members(path, {"x.npy": npy_bytes(header, bytes(64))})
     with pytest.raises(ValueError, match=r"member 'x\.npy' has a subarray dtype .* which numpy never writes"):
         bnorm.load(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+def test_random_damage_is_a_value_error_or_the_same_data(tmp_path, edits, cut):
+    path = tmp_path / "fuzz.npz"
+    if not path.exists():
+        _small_file(tmp_path).rename(path)
+    data = bytearray(path.read_bytes())
+    reference = bnorm.load(path)
+    damaged = bytearray(data)
+    for pos, byte in edits:
+        damaged[pos % len(damaged)] = byte
+    if cut is not None:
+        damaged = damaged[: cut % (len(damaged) + 1)]
+    bad = tmp_path / "damaged.npz"
+    bad.write_bytes(bytes(damaged))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = _load_outcome(bad)
+    if outcome != "ValueError":
+        assert int(outcome["step"]) == int(reference["step"])
+        for k, v in reference["bn"].state_dict().items():
+            np.testing.assert_array_equal(outcome["bn"].state_dict()[k], v)
