@@ -20,6 +20,9 @@ whatever was there before.  Around that:
   the writer dies, so a concurrent save (in this process or another, on this
   host or, with NFS's lock emulation, another) is never disturbed; the age
   covers the instants before the lock is taken and after it is released.
+  Without ``fcntl`` (Windows) the age alone decides, and a file still open
+  for writing cannot be deleted there anyway.  The scan is one
+  :func:`os.listdir` of the target's directory per save.
 """
 
 from __future__ import annotations
