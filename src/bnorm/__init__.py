@@ -10,7 +10,7 @@
 from . import distributed, fold, functional, interop, preprocessing
 from ._conventions import CONVENTIONS, Convention
 from ._version import __version__
-from .functional._moments import num_threads, set_num_threads
+from .functional._kernels.pool import num_threads, set_num_threads
 from .io import load, save
 from .layers import (
     BatchNorm,

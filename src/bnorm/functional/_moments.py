@@ -71,17 +71,19 @@ Numerical choices
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 
+from ._kernels.pool import PARALLEL_MIN_ELEMENTS, num_threads, parallel_map, set_num_threads
+
 __all__ = [
     "BLOCK_ELEMENTS",
+    "PARALLEL_MIN_ELEMENTS",
+    "parallel_map",
     "Moments",
     "affine_pass",
     "backward_pass",
@@ -106,115 +108,10 @@ TILE_ELEMENTS = 1 << 16
 #: shorter ones column-wise over the rows of a tile.
 ROW_DOT_MIN = 128
 
-#: Arrays smaller than this are processed by the calling thread alone.
-PARALLEL_MIN_ELEMENTS = 1 << 18
-
 #: ``mean**2 <= SHIFT_FREE_RATIO * var`` on every channel: one-pass sums are safe.
 SHIFT_FREE_RATIO = 4.0
 
 FloatArray = np.ndarray[Any, np.dtype[np.floating[Any]]]
-_T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------- threads
-
-
-def _default_threads() -> int:
-    env = os.environ.get("BNORM_NUM_THREADS", "")
-    if env.strip().isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-_num_threads = _default_threads()
-_pool: ThreadPoolExecutor | None = None
-
-
-def _forget_pool() -> None:
-    # A forked child has none of the parent's threads: start a fresh pool there.
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def num_threads() -> int:
-    """The number of threads bnorm's kernels use.
-
-    The default is the CPU count, at most 8, or the environment variable
-    ``BNORM_NUM_THREADS`` when set at import.  Arrays under 256 Ki elements
-    always run on the calling thread.
-
-    Returns
-    -------
-    int
-        At least 1.
-
-    Examples
-    --------
-    >>> import bnorm
-    >>> bnorm.num_threads() >= 1
-    True
-    """
-    return _num_threads
-
-
-def set_num_threads(n: int) -> None:
-    """Use `n` threads in bnorm's kernels from now on (1: no threading).
-
-    The kernels cut arrays into cache-sized tiles and hand groups of tiles to a
-    small thread pool (NumPy and BLAS release the GIL).  Results do not depend
-    on `n`: partial sums are always combined in the same order.
-
-    Parameters
-    ----------
-    n : int
-        The number of threads, >= 1.
-
-    Raises
-    ------
-    ValueError
-        If `n` is not an int >= 1.
-
-    Examples
-    --------
-    >>> import bnorm
-    >>> old = bnorm.num_threads()
-    >>> bnorm.set_num_threads(1)
-    >>> bnorm.num_threads()
-    1
-    >>> bnorm.set_num_threads(old)
-    """
-    global _num_threads, _pool
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    _num_threads = int(n)
-    if _pool is not None:
-        _pool.shutdown(wait=False)
-        _pool = None
-
-
-def _map(fn: Callable[[Any], _T], items: Sequence[Any], size: int) -> list[_T]:
-    """``[fn(i) for i in items]`` over contiguous groups of items in threads; results in order."""
-    n = min(_num_threads, len(items))
-    if n <= 1 or size < PARALLEL_MIN_ELEMENTS:
-        return [fn(i) for i in items]
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix="bnorm")
-    bounds = [len(items) * j // n for j in range(n + 1)]
-    groups = [items[bounds[j] : bounds[j + 1]] for j in range(n)]
-
-    def run(group: Sequence[Any]) -> list[_T]:
-        return [fn(i) for i in group]
-
-    futures = [_pool.submit(run, g) for g in groups[1:]]
-    out = run(groups[0])
-    for f in futures:
-        out.extend(f.result())
-    return out
 
 
 # --------------------------------------------------------------------------- moments
@@ -491,7 +388,7 @@ def _reduce(
             return whole
     # Each thread holds up to two tile temporaries in `ct`: keep them all
     # within 1/16 of the input's size.
-    elements = max(4096, min(TILE_ELEMENTS, x3.size // (64 * max(1, _num_threads))))
+    elements = max(4096, min(TILE_ELEMENTS, x3.size // (64 * max(1, num_threads()))))
     tiles = _reduce_tiles(x3.shape, elements)
 
     def work(t: Tile) -> tuple[FloatArray, FloatArray]:
@@ -511,7 +408,7 @@ def _reduce(
     s1 = np.zeros(k, dtype=np.float64)
     s2 = np.zeros(k, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        for (_, chans, _), (p1, p2) in zip(tiles, _map(work, tiles, x3.size), strict=True):
+        for (_, chans, _), (p1, p2) in zip(tiles, parallel_map(work, tiles, x3.size), strict=True):
             s1[chans] += p1
             s2[chans] += p2
     return s1, s2
@@ -553,7 +450,7 @@ def _whole_sums(
         return None
     a, k, b = x3.shape
     g3 = x3 if y3 is None else y3
-    threads = max(1, _num_threads)
+    threads = max(1, num_threads())
     if b >= ROW_DOT_MIN:
         length = _row_length(b, WHOLE_ROW_DOT_MAX)
         x2 = x3.reshape(-1, length)
@@ -571,7 +468,7 @@ def _whole_sums(
             np.vecdot(g2[sl], ones, out=r1[sl])
             np.vecdot(g2[sl], x2[sl], out=r2[sl])
 
-        _map(rows_work, parts, x3.size)
+        parallel_map(rows_work, parts, x3.size)
         return (
             r1.reshape(a, k, -1).sum(axis=(0, 2), dtype=np.float64),
             r2.reshape(a, k, -1).sum(axis=(0, 2), dtype=np.float64),
@@ -608,7 +505,7 @@ def _whole_sums(
             np.add.reduce(g2[w1 * q :, c0:c1], axis=0, out=part1[w1, c0:c1])
             np.einsum("ij,ij->j", g2[w1 * q :, c0:c1], x2[w1 * q :, c0:c1], out=part2[w1, c0:c1])
 
-    _map(group_work, blocks, x3.size)
+    parallel_map(group_work, blocks, x3.size)
     s1 = part1.sum(axis=0, dtype=np.float64)
     s2 = part2.sum(axis=0, dtype=np.float64)
     if b > 1:
@@ -808,7 +705,7 @@ def _pass_layout(
     if a < PLANE_REUSE:
         return "columns", tile_max, 0  # a plane would serve too few tiles to pay for itself
     # Every thread's planes together within 1/8 of the array (or a few small ones).
-    budget = max(SMALL_BUDGET, size // (8 * max(1, _num_threads) * max(1, n_coefs)))
+    budget = max(SMALL_BUDGET, size // (8 * max(1, num_threads()) * max(1, n_coefs)))
     row = k * b
     if contiguous and row <= min(tile_max, budget):
         p = max(1, min(a, PLANE_ELEMENTS // row, budget // row))
@@ -866,7 +763,7 @@ def _elementwise(
     temps = (0 if direct else 1) + sum(1 for s in steps if s.scaled_by is not None)
     tile_max = PASS_TILE
     if temps:
-        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * max(1, _num_threads) * temps)))
+        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * max(1, num_threads()) * temps)))
     contiguous = out3.flags.c_contiguous and all(arr.flags.c_contiguous for arr in arrays.values())
     form, tile, extent = _pass_layout(out3.shape, contiguous, len(coefs), tile_max)
     # The first operation streams the input from memory.  With scalar operands an
@@ -964,7 +861,7 @@ def _elementwise(
             run(out3[t], lambda arr: arr[t], lambda name: cols_v[name][:, t[1]])
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        _map(fn, items, size)
+        parallel_map(fn, items, size)
 
 
 def affine_pass(
