@@ -27,14 +27,8 @@ from .._validation import (
 from ._common import check_out, param_grads, start_backward
 from ._kernels import direct as _direct
 from ._kernels import kernel_for
-from ._moments import (
-    Moments,
-    affine_pass,
-    backward_pass,
-    backward_sums,
-    channel_moments,
-    channel_view,
-)
+from ._kernels.channel import affine_pass, backward_pass
+from ._kernels.moments import Moments, backward_sums, channel_moments, channel_view
 
 __all__ = [
     "batch_norm",
@@ -57,7 +51,7 @@ _DEFAULT_MOMENTUM = 0.1
 class StatsReducer(Protocol):
     """Combines per-process partial statistics (SyncBatchNorm's hook).
 
-    ``moments`` merges this process's :class:`~bnorm.functional._moments.Moments`
+    ``moments`` merges this process's :class:`~bnorm.functional._kernels.moments.Moments`
     with every other process's; ``sums`` adds the backward reductions
     ``(sum(g), sum(g * (x - mean)))`` over processes.  Single-process batch norm
     uses no reducer.

@@ -90,9 +90,10 @@ def _colsums(z2: np.ndarray, w2: np.ndarray | None, b: int) -> FloatArray:
             s = np.einsum("gij,gij->gj", zg, w2[:whole].reshape(-1, q, n)).sum(axis=0, dtype=np.float64)
             if whole < a:
                 s += np.einsum("ij,ij->j", z2[whole:], w2[whole:])
-    if b == 1:
-        return s.astype(np.float64, copy=False)
-    return s.reshape(-1, b).sum(axis=1, dtype=np.float64)
+    total: FloatArray = (
+        s.astype(np.float64, copy=False) if b == 1 else s.reshape(-1, b).sum(axis=1, dtype=np.float64)
+    )
+    return total
 
 
 def center(x2: np.ndarray, b: int, mean: np.ndarray, d2: np.ndarray) -> FloatArray:
