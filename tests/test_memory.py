@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bnorm.functional import batch_norm_backward, batch_norm_forward
+from bnorm.functional._kernels import buffers
 from bnorm.functional._kernels import channel as C
 from bnorm.functional._kernels import moments as Mo
 from bnorm.functional._kernels import pool as P
@@ -24,7 +25,12 @@ BOUND = 1.1
 
 
 def peak_extra(f: Callable[[], Any]) -> int:
-    """Peak bytes allocated during ``f()`` above what was allocated before, result included."""
+    """Peak bytes allocated during ``f()`` above what was allocated before, result included.
+
+    The output cache is emptied first, so the result is a fresh allocation (a
+    recycled one would not be counted).
+    """
+    buffers.clear()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -119,3 +125,23 @@ def test_layer_norm_like_long_rows_stay_tiled(offset, threads):
     assert peak_extra(lambda: C.affine_pass(x3, ones, zeros, out3, np.full(4, offset))) <= 0.1 * x3.nbytes
     assert peak_extra(lambda: Mo.backward_sums(x3, x3, np.full(4, offset))) <= 0.1 * x3.nbytes
     assert peak_extra(lambda: C.backward_pass(x3, x3, ones, ones, zeros, out3)) <= 0.1 * x3.nbytes
+
+
+def test_large_outputs_reuse_dropped_memory():
+    """A dropped output's memory serves the next output of that size; a live one is never reused."""
+    x, g = np.ones(SHAPE, np.float32), np.ones(SHAPE, np.float32)
+    buffers.clear()
+    y1, ctx = batch_norm_forward(x, None, None, training=True)
+    address = y1.__array_interface__["data"][0]
+    y2, _ = batch_norm_forward(x, None, None, training=True)
+    assert not np.shares_memory(y1, y2)  # y1 is alive: never handed out twice
+    del y1
+    y3, _ = batch_norm_forward(x, None, None, training=True)
+    assert y3.__array_interface__["data"][0] == address
+    dx, _, _ = batch_norm_backward(g, ctx)
+    assert not np.shares_memory(dx, y2) and not np.shares_memory(dx, y3)
+    view = y2[1:]
+    del y2
+    y4, _ = batch_norm_forward(x, None, None, training=True)
+    assert not np.shares_memory(y4, view)  # a view keeps its block in use
+    buffers.clear()

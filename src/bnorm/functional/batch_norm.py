@@ -26,6 +26,7 @@ from .._validation import (
 )
 from ._common import check_out, param_grads, start_backward
 from ._kernels import direct as _direct
+from ._kernels.buffers import empty_output
 from ._kernels import kernel_for
 from ._kernels.channel import affine_pass, backward_pass
 from ._kernels.moments import Moments, backward_sums, channel_moments, channel_view
@@ -163,7 +164,7 @@ def _forward(
         rm = check_channel_vector(running_mean, "running_mean", c, ax)
         rv = check_channel_vector(running_var, "running_var", c, ax)
     out_dtype = x.dtype
-    y = np.empty(x.shape, dtype=out_dtype) if out is None else check_out(out, x.shape, out_dtype)
+    y = empty_output(x.shape, out_dtype) if out is None else check_out(out, x.shape, out_dtype)
     x3 = channel_view(x, ax)
     a, _, nb = x3.shape
     if batch_stats and reducer is None and a * nb == 1:
@@ -487,6 +488,8 @@ def batch_norm_backward(
     grad_weight, grad_bias : ndarray of shape (C,) or None
         None where the forward had no weight / bias; else in their dtype.
     """
+    if out is None and isinstance(ctx, BatchNormContext):
+        out = empty_output(ctx.input.shape, ctx.input.dtype)  # a dropped output's memory, if any
     x, g, dx = start_backward(grad_output, ctx, BatchNormContext, "batch_norm_forward", out)
     if ctx.input_overwritten:
         raise ValueError(
