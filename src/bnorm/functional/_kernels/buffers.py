@@ -14,17 +14,20 @@ live array.
 
 Why
 ---
-glibc serves allocations above 32 MiB with a fresh ``mmap`` and returns them to
-the system on free, so every new large output is first touched page by page:
-the kernel takes a page fault and zeroes the page before the kernel's first
-write lands.  Measured on (32, 64, 56, 56) float32 (103 MB, 2 cores) in a
-training loop (forward, backward, drop both): about 650 page faults per call
-(2 MiB pages, NumPy's transparent-hugepage advice; 25,000 with 4 KiB pages),
-and a fresh ``np.multiply(x, 2)`` took 1.6-1.8x a write into an existing array
-(3x without huge pages).  A plain ``x.copy()`` timed in a loop can hide it:
-glibc sometimes keeps the block for the next call of the same size.  Reusing
-the caller's dropped output is what a training loop needs: its forward and
-backward outputs of each layer come and go at the same sizes every step.
+glibc serves a large allocation with a fresh ``mmap`` (threshold 128 KiB,
+raised up to 32 MiB as such blocks are freed) or from the heap, whose top it
+returns to the system above twice that threshold; whether a new output gets
+fresh pages depends on the allocation history.  Fresh pages are first touched
+one by one by the kernel's first write: a page fault each, and the system
+zeroes the page.  Measured on (32, 64, 56, 56) float32 (25.7 MB, this 2-core
+machine) in a training loop (forward, backward, drop both): about 650 page
+faults in every forward and every backward with one thread (2 MiB pages from
+NumPy's transparent-hugepage advice; 25,000 faults with 4 KiB pages); a fresh
+``np.multiply(x, 2)`` took 1.6-1.8x a write into an existing array (3x
+without huge pages).  A plain ``x.copy()`` timed in a loop hides it: the
+same-size block freed just before is reused.  Recycling the caller's dropped
+outputs is what a training loop needs: each layer's outputs come and go at
+the same sizes every step.
 """
 
 from __future__ import annotations
@@ -36,15 +39,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RECYCLE_FREE_BLOCKS", "RECYCLE_MIN_BYTES", "clear", "empty_output"]
+__all__ = ["RECYCLE_FREE_BLOCKS", "RECYCLE_MIN_BYTES", "RECYCLE_TRACKED", "clear", "empty_output"]
 
-#: Outputs of at least this many bytes are recycled: glibc's largest
-#: ``mmap`` threshold, above which every allocation is fresh pages.
-RECYCLE_MIN_BYTES = 32 << 20
+#: Outputs of at least this many bytes are recycled (NumPy's own threshold for
+#: huge-page advice: where page faults start to matter).
+RECYCLE_MIN_BYTES = 4 << 20
 
 #: Unused blocks kept for reuse (memory not returned to the system until a later
 #: output needs a block of another size or the process ends).
 RECYCLE_FREE_BLOCKS = 2
+
+#: Blocks tracked at most (in use or not); older ones are forgotten (their
+#: arrays live on as ordinary arrays), so a call never scans a long list.
+RECYCLE_TRACKED = 64
 
 _lock = threading.Lock()
 _blocks: list[np.ndarray] = []
@@ -73,6 +80,8 @@ def empty_output(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         del unused
         block = np.empty(nbytes, dtype=np.uint8)
         _blocks.append(block)
+        if len(_blocks) > RECYCLE_TRACKED:
+            del _blocks[0]
         return block.view(dtype).reshape(shape)
 
 
