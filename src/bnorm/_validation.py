@@ -7,6 +7,7 @@ entry point runs all of them before it touches a buffer or a counter.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def check_eps(eps: Any, *, training: bool) -> float:
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"eps must be a positive number, got {describe(eps)}")
     v = float(eps)
-    if not np.isfinite(v) or v < 0:
+    if not math.isfinite(v) or v < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if training and v == 0:
         raise ValueError(

@@ -110,6 +110,24 @@ class BatchNormContext:
     input_overwritten: bool = False
 
 
+_RUNNING: dict[tuple[float | None, float | None], RunningAverage] = {}
+
+
+def _running_average(momentum: Any, decay: Any) -> RunningAverage:
+    """``RunningAverage.from_args`` for the functional API, remembered for plain floats.
+
+    Validating and building the frozen dataclass costs ~1.5 us, a tenth of a
+    small call; the same (momentum, decay) pair comes back every step.
+    """
+    plain = type(momentum) in (float, type(None)) and type(decay) in (float, type(None))
+    if plain and (momentum, decay) in _RUNNING:
+        return _RUNNING[(momentum, decay)]
+    running = RunningAverage.from_args(momentum, decay, allow_cumulative=False)
+    if plain and len(_RUNNING) < 64:
+        _RUNNING[(momentum, decay)] = running
+    return running
+
+
 def _check_policy(on_nonfinite: Any) -> None:
     if on_nonfinite not in _NONFINITE_POLICIES:
         raise ValueError(
@@ -178,7 +196,7 @@ def _forward(
         # Which kernels serve this call: see bnorm.functional._kernels.kernel_for.
         if reducer is None and kernel_for("batch_norm", x3) == "direct":
             x2, y2 = x3.reshape(a, -1), y.reshape(a, -1)
-            if np.may_share_memory(x2, y2):
+            if out is not None and np.may_share_memory(x2, y2):
                 x2 = x2.copy()  # out= over the input: a small copy keeps the bits of out=None
             if batch_stats:
                 # Into a scratch array where out= must stay untouched until the stats are known.
@@ -316,7 +334,7 @@ def batch_norm_forward(
             "momentum=None (the cumulative average) needs a batch counter: use a BatchNorm layer, "
             "or pass momentum=1/num_batches_tracked"
         )
-    running = RunningAverage.from_args(momentum, decay, allow_cumulative=False)
+    running = _running_average(momentum, decay)
     if not isinstance(unbiased_running_var, (bool, np.bool_)):
         raise TypeError(f"unbiased_running_var must be a bool, got {type(unbiased_running_var).__name__}")
     return _forward(
@@ -488,7 +506,8 @@ def batch_norm_backward(
     grad_weight, grad_bias : ndarray of shape (C,) or None
         None where the forward had no weight / bias; else in their dtype.
     """
-    if out is None and isinstance(ctx, BatchNormContext):
+    user_out = out is not None
+    if not user_out and isinstance(ctx, BatchNormContext):
         out = empty_output(ctx.input.shape, ctx.input.dtype)  # a dropped output's memory, if any
     x, g, dx = start_backward(grad_output, ctx, BatchNormContext, "batch_norm_forward", out)
     if ctx.input_overwritten:
@@ -505,9 +524,9 @@ def batch_norm_backward(
     if x.size and ctx.reducer is None and kernel_for("batch_norm", x3, g3) == "direct":
         a, _, nb = x3.shape
         x2, g2, dx2 = x3.reshape(a, -1), g3.reshape(a, -1), dx.reshape(a, -1)
-        # out= over an input: a small copy keeps the bits of out=None.
-        x2 = x2.copy() if np.may_share_memory(x2, dx2) else x2
-        g2 = g2.copy() if np.may_share_memory(g2, dx2) else g2
+        if user_out:  # out= over an input: a small copy keeps the bits of out=None
+            x2 = x2.copy() if np.may_share_memory(x2, dx2) else x2
+            g2 = g2.copy() if np.may_share_memory(g2, dx2) else g2
         kernel = _direct.backward_batch if ctx.batch_stats else _direct.backward_running
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             sums = kernel(g2, x2, nb, ctx.mean, ctx.invstd, gamma, dx2)

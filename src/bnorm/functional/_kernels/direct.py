@@ -42,6 +42,7 @@ subtraction).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ FloatArray = np.ndarray[Any, np.dtype[np.floating[Any]]]
 
 def _plane(v: np.ndarray, b: int, dtype: np.dtype[Any]) -> np.ndarray:
     """A per-channel vector as a row of the ``(A, K*B)`` matrix, in `dtype`."""
-    w = v.astype(dtype)
+    w = v if v.dtype == dtype else v.astype(dtype)
     return w if b == 1 else np.repeat(w, b)
 
 
@@ -125,7 +126,8 @@ def forward_batch(
     dmean = _colsums(d2, None, b) / m
     var = _colsums(d2, d2, b) / m - dmean * dmean
     t = SHIFT_FREE_RATIO * var - dmean * dmean
-    if not bool(((t >= 0) & (t < np.inf)).all()):  # False for every NaN and inf too
+    # A sum is finite only if every term is (inf - inf is NaN): NaN and inf fail too.
+    if not (np.minimum.reduce(t) >= 0 and math.isfinite(np.add.reduce(t))):
         return None
     invstd = 1.0 / np.sqrt(var + eps)
     alpha = invstd if gamma is None else gamma * invstd
@@ -185,8 +187,10 @@ def backward_batch(
     ``coef_x = -k * invstd**2 * sum(g * (x - mean)) / m`` and
     ``coef_c = -k * sum(g) / m``, evaluated on ``d = x - c`` (``c`` the mean in
     the compute dtype; ``sum(g * (x - mean)) = sum(g * d) - (mean - c) * sum(g)``,
-    one pass, no cancellation).  None where a coefficient is not finite or
-    ``k`` has a zero (the caller takes the channel kernels).
+    one pass, no cancellation) as ``k * (d * b_k + c_k + g)``: the
+    coefficients divided by ``k`` do not contain it, so ``k = 0`` (gamma 0)
+    needs no special case.  None where a coefficient is not finite (the caller
+    takes the channel kernels).
     """
     m = x2.shape[0] * b
     ct = x2.dtype
@@ -194,10 +198,9 @@ def backward_batch(
     sum_g = _colsums(g2, None, b)
     sum_gx = _colsums(g2, dx2, b) - dm * sum_g
     k = gamma * invstd
-    coef_x = -k * invstd * invstd * sum_gx / m
-    coef_c = -k * sum_g / m - coef_x * dm  # the constant on d, not on x - mean
-    b_k, c_k = coef_x / k, coef_c / k  # NaN where k == 0 (coef_x, coef_c are 0 there)
-    if not (np.isfinite(np.dot(b_k, b_k)) and np.isfinite(np.dot(c_k, c_k)) and np.isfinite(np.dot(k, k))):
+    b_k = (invstd * invstd) * sum_gx / -m  # coef_x / k
+    c_k = sum_g / -m - b_k * dm  # coef_c / k, the constant on d rather than on x - mean
+    if not math.isfinite(np.add.reduce(b_k + c_k + k)):  # any NaN or inf term
         return None
     # dx = k * (d * (coef_x / k) + coef_c / k + g): in place on d, no temporary.
     np.multiply(dx2, _plane(b_k, b, ct), out=dx2)
