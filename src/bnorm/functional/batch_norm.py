@@ -527,9 +527,8 @@ def batch_norm_backward(
         if user_out:  # out= over an input: a small copy keeps the bits of out=None
             x2 = x2.copy() if np.may_share_memory(x2, dx2) else x2
             g2 = g2.copy() if np.may_share_memory(g2, dx2) else g2
-        kernel = _direct.backward_batch if ctx.batch_stats else _direct.backward_running
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            sums = kernel(g2, x2, nb, ctx.mean, ctx.invstd, gamma, dx2)
+            sums = _direct.backward(g2, x2, nb, ctx.mean, ctx.invstd, gamma, dx2, batch_stats=ctx.batch_stats)
         if sums is not None:
             grad_weight, grad_bias = param_grads(
                 sums[1] * ctx.invstd, sums[0], ctx.weight_dtype, ctx.bias_dtype
