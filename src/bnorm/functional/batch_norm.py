@@ -191,8 +191,15 @@ def _forward(
         )
     gamma = None if w is None else w.astype(np.float64)
     beta = None if b is None else b.astype(np.float64)
-    mean = invstd = var = None
+    mean: np.ndarray | None = None
+    invstd: np.ndarray | None = None
+    var: np.ndarray | None = None
+    written = False  # y holds the output already
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if not batch_stats:
+            assert rm is not None and rv is not None
+            mean = rm.astype(np.float64)
+            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
         # Which kernels serve this call: see bnorm.functional._kernels.kernel_for.
         if reducer is None and kernel_for("batch_norm", x3) == "direct":
             x2, y2 = x3.reshape(a, -1), y.reshape(a, -1)
@@ -204,14 +211,11 @@ def _forward(
                 stats = _direct.forward_batch(x2, nb, y2, d2, gamma, beta, eps_f)
                 if stats is not None:
                     mean, var, invstd = stats
+                    written = True
             else:
-                assert rm is not None and rv is not None
-                mean = rm.astype(np.float64)
-                invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
-                if not _direct.forward_eval(x2, nb, y2, mean, invstd, gamma, beta):
-                    mean = None
-        written = mean is not None
-        if not written and batch_stats:
+                assert mean is not None and invstd is not None
+                written = _direct.forward_eval(x2, nb, y2, mean, invstd, gamma, beta)
+        if batch_stats and not written:
             # float32 sums within rows (float64 across): statistics within float32 rounding, 2-3x faster.
             local = channel_moments(x3, accumulate="compute")
             moments = local if reducer is None else reducer.moments(local)
@@ -223,10 +227,6 @@ def _forward(
             mean = moments.mean
             var = moments.var(ddof=0) if moments.count > 0 else np.zeros(c)
             invstd = 1.0 / np.sqrt(var + eps_f)
-        elif not written:
-            assert rm is not None and rv is not None
-            mean = rm.astype(np.float64)
-            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
     assert mean is not None and invstd is not None
     n = (moments.count if not written else a * nb) if batch_stats else 0
 
