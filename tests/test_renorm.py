@@ -516,3 +516,31 @@ def test_keras_renorm_momentum_written_as_renorm_momentum_warns():
     assert layer.renorm_momentum == 0.99
     with pytest.warns(bnorm.MomentumConventionWarning, match=r"write decay=0\.9 \(or momentum=0\.1\)"):
         bnorm.BatchRenorm(3, momentum=0.9)
+
+
+def test_load_checks_every_renorm_buffer_shape_before_building(tmp_path):
+    import zipfile
+
+    path = tmp_path / "brn.npz"
+    bnorm.save(path, bnorm.BatchRenorm1d(3, convention="keras"))
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["renorm_std"] = np.ones(4, np.float32)  # a tampered file
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(bad, "w") as zf:
+        for key, arr in arrays.items():
+            with zf.open(key + ".npy", "w") as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
+    with pytest.raises(
+        ValueError, match=r"its arguments give 'renorm_std' the shape \(3,\), the file holds \(4,\)"
+    ):
+        bnorm.load(bad)
+    shapes = bnorm.BatchRenorm._state_shapes({"num_features": 3})
+    assert set(shapes) == {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "running_std",
+        "num_batches_tracked",
+    }

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._validation import shape_text
-from ._moments import channel_moments, channel_view
+from ._kernels.moments import channel_moments, channel_view
 from .batch_norm import BatchNormContext, batch_norm_forward
 
 __all__ = ["batch_moments", "normalize_with", "absorbs"]

@@ -14,14 +14,14 @@ inference.  Without a renorm average (the paper) one set serves both and the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, check_momentum, records_explicit
-from .._validation import as_float_input, check_fraction
+from .._validation import as_float_input, check_fraction, check_positive_int
 from ..functional._batch_pass import absorbs
 from ..functional.batch_norm import BatchNormContext, batch_norm_backward, batch_norm_forward
 from ..functional.batch_renorm import (
@@ -272,8 +272,23 @@ class _BatchRenormBase(_BatchNormBase):
             self.renorm_mean.fill(0)
             self.renorm_std.fill(1)
 
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        args = cls._bound_config(config)
+        c = (check_positive_int(args["num_features"], "num_features"),)
+        shapes: dict[str, tuple[int, ...]] = {}
+        if args["affine"]:
+            shapes.update(weight=c, bias=c)
+        shapes.update(running_mean=c, running_var=c, running_std=c, num_batches_tracked=())
+        separate = args["renorm_momentum"] is not None or args["renorm_decay"] is not None
+        if separate or args["convention"] == "keras":
+            shapes.update(renorm_mean=c, renorm_std=c)
+        return shapes
+
     def _config(self) -> dict[str, Any]:
         config = super()._config()
+        if "bias" in config:  # the base's bias= flag is not an argument of the renorm layers
+            config.pop("bias")
         if self._renorm is not None:
             config.pop("renorm_momentum" if self._renorm.decay is not None else "renorm_decay", None)
         return config
