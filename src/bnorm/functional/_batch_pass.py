@@ -12,7 +12,6 @@ Nothing here touches running buffers.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -22,7 +21,7 @@ from .._validation import shape_text
 from ._kernels.moments import channel_moments, channel_view
 from .batch_norm import BatchNormContext, batch_norm_forward
 
-__all__ = ["batch_moments", "normalize_with", "absorbs"]
+__all__ = ["batch_moments", "normalize_with"]
 
 
 def batch_moments(x: np.ndarray, ax: int, what: str = "input size") -> tuple[np.ndarray, np.ndarray, int]:
@@ -57,25 +56,3 @@ def normalize_with(
     """
     y, ctx = batch_norm_forward(x, mean, var, weight, bias, False, eps=eps, axis=ax, out=out)
     return y, replace(ctx, batch_stats=True, count=n)
-
-
-def absorbs(mean: np.ndarray, var: np.ndarray, on_nonfinite: str, stacklevel: int) -> bool:
-    """Whether running statistics absorb batch statistics `mean`, `var`, by the non-finite policy.
-
-    Finite statistics always; otherwise 'propagate' absorbs them, 'raise'
-    raises FloatingPointError and 'skip' warns (RuntimeWarning) and skips.
-    """
-    if bool(np.isfinite(mean).all() and np.isfinite(var).all()) or on_nonfinite == "propagate":
-        return True
-    if on_nonfinite == "raise":
-        raise FloatingPointError(
-            "batch statistics are not finite (NaN or inf in the input); running statistics left "
-            "unchanged. Pass on_nonfinite='skip' to skip such batches or 'propagate' to update anyway"
-        )
-    warnings.warn(
-        "batch statistics are not finite (NaN or inf in the input): the running statistics were "
-        "not updated with this batch (on_nonfinite='skip')",
-        RuntimeWarning,
-        stacklevel=stacklevel + 1,
-    )
-    return False

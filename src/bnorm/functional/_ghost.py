@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from .._conventions import RunningAverage
+from .._running import check_policy, stage_running_update
 from .._validation import check_buffer, check_channel_vector, check_eps, shape_text
-from ._batch_pass import absorbs
 from ._common import check_grad_output
 
 __all__ = ["GhostContext", "SPLITS", "ghost_forward", "ghost_backward", "check_split"]
@@ -209,15 +209,17 @@ def ghost_forward(
     if training and (rm is not None or rv is not None):
         mean_bar = _vector(mean, cax).mean(axis=0)
         var_bar = _vector(var, cax).mean(axis=0)
-        if absorbs(mean_bar, var_bar, on_nonfinite, 4):
-            batch_var = var_bar * (m / (m - 1)) if unbiased_running_var else var_bar
-            new_rm = None if rm is None else running.update(rm, mean_bar, num_batches_tracked)
-            new_rv = None if rv is None else running.update(rv, batch_var, num_batches_tracked)
-            if rm is not None and new_rm is not None:
-                rm[...] = new_rm
-            if rv is not None and new_rv is not None:
-                rv[...] = new_rv
-            updated = True
+        batch_var = var_bar * (m / (m - 1)) if unbiased_running_var else var_bar
+        updates = []
+        if rm is not None:
+            updates.append(("running_mean", rm, running.blend(rm, mean_bar, num_batches_tracked)))
+        if rv is not None:
+            updates.append(("running_var", rv, running.blend(rv, batch_var, num_batches_tracked)))
+        # the shared non-finite policy, checked after the cast to the buffers' dtype
+        staged = stage_running_update(updates, check_policy(on_nonfinite), stacklevel=5)
+        for buffer, value in staged or ():
+            buffer[...] = value
+        updated = staged is not None
     ctx = GhostContext(
         input=x,
         grouped_shape=xg.shape,

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .._conventions import RunningAverage
+from .._running import NonFinitePolicy, check_policy, stage_running_update
 from .._validation import (
     as_float_input,
     check_buffer,
@@ -48,13 +49,11 @@ from .._validation import (
     describe,
     normalize_axis,
 )
-from ._batch_pass import absorbs, batch_moments, normalize_with
+from ._batch_pass import batch_moments, normalize_with
 from ._common import start_backward
 from .batch_norm import (
     _DEFAULT_MOMENTUM,
     BatchNormContext,
-    NonFinitePolicy,
-    _check_policy,
     batch_norm_backward,
     batch_norm_forward,
 )
@@ -292,7 +291,7 @@ def batch_renorm_forward(
         )
     running = RunningAverage.from_args(momentum, decay, allow_cumulative=False)
     clipping = check_clipping(r_max, r_min, d_max)
-    _check_policy(on_nonfinite)
+    policy = check_policy(on_nonfinite)
     x = as_float_input(input, "input")
     if x.ndim < 2:
         raise ValueError(
@@ -324,11 +323,14 @@ def batch_renorm_forward(
     sigma = check_buffer(running_std, "running_std", c, ax)
     y, ctx = renorm_pass(x, ax, mu, sigma, w, b, eps_f, clipping, out)
     assert ctx.batch_mean is not None and ctx.batch_std is not None
-    if ctx.bn.count > 0 and absorbs(ctx.batch_mean, ctx.batch_std, on_nonfinite, 2):
-        new_mu = running.update(mu, ctx.batch_mean)
-        new_sigma = running.update(sigma, ctx.batch_std)
-        mu[...] = new_mu
-        sigma[...] = new_sigma
+    if ctx.bn.count > 0:
+        # the shared non-finite policy, checked after the cast to the buffers' dtype
+        updates = [
+            ("running_mean", mu, running.blend(mu, ctx.batch_mean)),
+            ("running_std", sigma, running.blend(sigma, ctx.batch_std)),
+        ]
+        for buffer, value in stage_running_update(updates, policy, stacklevel=2) or ():
+            buffer[...] = value
     return y, ctx
 
 

@@ -279,6 +279,10 @@ class _BatchNormBase(Module):
         config.pop("momentum" if self._running.decay is not None else "decay", None)
         if "bias" in config:  # the flag, not the array of the same name
             config["bias"] = self.bias is not None
+        # ghost-batch arguments only where used: files of plain layers stay as they were
+        if config.get("virtual_batch_size", 0) is None:
+            config.pop("virtual_batch_size")
+            config.pop("virtual_batch_split", None)
         return config
 
     def recompute_running_stats(self, batches: Iterable[Any]) -> Any:

@@ -21,8 +21,8 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, check_momentum, records_explicit
+from .._running import NonFinitePolicy, stage_running_update
 from .._validation import as_float_input, check_fraction, check_positive_int
-from ..functional._batch_pass import absorbs
 from ..functional.batch_norm import BatchNormContext, batch_norm_backward, batch_norm_forward
 from ..functional.batch_renorm import (
     BatchRenormContext,
@@ -71,6 +71,11 @@ _DOC = inspect.cleandoc(
         Explicit arguments override the preset.
     dtype : dtype, default float32, keyword-only
         dtype of the parameters and moving statistics.
+    on_nonfinite : {'skip', 'raise', 'propagate'}, default 'skip', keyword-only
+        What a batch whose moving-statistics update is not finite (NaN or inf
+        in the input, or an overflow of the buffers' dtype) does: skipped with a
+        RuntimeWarning (and not counted), FloatingPointError, or written as
+        PyTorch's batch norm would.
 
     Attributes
     ----------
@@ -178,6 +183,7 @@ class _BatchRenormBase(_BatchNormBase):
         axis: int = 1,
         convention: str | None = None,
         dtype: DTypeLike = np.float32,
+        on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         explicit: frozenset[str] = getattr(self, "_explicit_args", frozenset())
         clipping = check_clipping(r_max, r_min, d_max)
@@ -208,6 +214,7 @@ class _BatchRenormBase(_BatchNormBase):
             axis=axis,
             convention=convention,
             dtype=dtype,
+            on_nonfinite=on_nonfinite,
         )
         # sigma_B uses the biased variance in every convention (the paper, Keras)
         self.unbiased_running_var = False
@@ -344,27 +351,36 @@ class _BatchRenormBase(_BatchNormBase):
         y, ctx = renorm_pass(arrx, ax, mu, sigma, self.weight, self.bias, self.eps, clipping)
         assert ctx.batch_mean is not None and ctx.batch_std is not None
         count = int(self.num_batches_tracked) + 1
-        if ctx.bn.count > 0 and absorbs(ctx.batch_mean, ctx.batch_std, self.on_nonfinite, 3):
-            updates: list[tuple[np.ndarray, np.ndarray]] = []
+        if ctx.bn.count > 0:
+            updates: list[tuple[str, np.ndarray, np.ndarray]] = []
             if separate:
                 assert (
                     self._renorm is not None and self.renorm_mean is not None and self.renorm_std is not None
                 )
-                updates.append((self.renorm_mean, self._renorm.update(self.renorm_mean, ctx.batch_mean)))
-                updates.append((self.renorm_std, self._renorm.update(self.renorm_std, ctx.batch_std)))
-            new_std = self._running.update(self.running_std, ctx.batch_std, count)
-            updates.append(
-                (self.running_mean, self._running.update(self.running_mean, ctx.batch_mean, count))
-            )
-            updates.append((self.running_std, new_std))
-            # Keras: moving_variance = relu(moving_stddev**2 - eps), in the variables' dtype
-            updates.append(
-                (self.running_var, np.maximum(new_std * new_std - new_std.dtype.type(self.eps), 0))
-            )
-            for dst, value in updates:
-                dst[...] = value
-            self.num_batches_tracked += 1
-        elif ctx.bn.count == 0:
+                updates.append(
+                    ("renorm_mean", self.renorm_mean, self._renorm.blend(self.renorm_mean, ctx.batch_mean))
+                )
+                updates.append(
+                    ("renorm_std", self.renorm_std, self._renorm.blend(self.renorm_std, ctx.batch_std))
+                )
+            new_mean = self._running.blend(self.running_mean, ctx.batch_mean, count)
+            new_std = self._running.blend(self.running_std, ctx.batch_std, count)
+            # Keras: moving_variance = relu(moving_stddev**2 - eps), from moving_stddev as stored
+            # (float64 here, then cast: an overflow of the buffer's dtype is the policy's to handle)
+            with np.errstate(over="ignore", invalid="ignore"):
+                std_stored = new_std.astype(self.running_std.dtype).astype(np.float64)
+            new_var = np.maximum(std_stored * std_stored - self.eps, 0.0)
+            updates += [
+                ("running_mean", self.running_mean, new_mean),
+                ("running_std", self.running_std, new_std),
+                ("running_var", self.running_var, new_var),
+            ]
+            staged = stage_running_update(updates, self.on_nonfinite, stacklevel=3)
+            for buffer, value in staged or ():
+                buffer[...] = value
+            if staged is not None:
+                self.num_batches_tracked += 1
+        else:
             self.num_batches_tracked += 1  # counted, as batch norm counts an empty batch
         self.r, self.d = ctx.r, ctx.d
         self._ctx, self._renorm_ctx = None, ctx
