@@ -32,6 +32,16 @@ tf_keras = pytest.importorskip("tf_keras")
 tf = pytest.importorskip("tensorflow")
 
 
+def _tf_step(kl, x, u):
+    """A training call of tf.keras layer `kl` and the gradients of <u, y> for x, gamma and beta."""
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        yk = kl(xt, training=True)
+        loss = tf.reduce_sum(yk * u)
+    return (yk, *tape.gradient(loss, [xt, kl.gamma, kl.beta]))
+
+
 def _close(actual, expected, what):
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(1.0, float(np.abs(expected).max()))
@@ -62,12 +72,7 @@ def test_strided_split_matches_tf_keras(shape, v, axis):
     for step in range(3):
         x = (rng.normal(size=shape) * (step + 1) + step).astype(np.float32)
         u = rng.normal(size=shape).astype(np.float32)
-        xt = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(xt)
-            yk = kl(xt, training=True)
-            loss = tf.reduce_sum(yk * u)
-        gx, gg, gb = tape.gradient(loss, [xt, kl.gamma, kl.beta])
+        yk, gx, gg, gb = _tf_step(kl, x, u)
         _close(layer(x), yk.numpy(), "output")
         _close(layer.backward(u), gx.numpy(), "dx")
         _close(layer.grad_weight, gg.numpy().reshape(-1), "dgamma")
@@ -112,12 +117,7 @@ def test_renorm_matches_tf_keras(shape, axis, clipping):
     for step in range(4):
         x = (rng.normal(size=shape) * (1 + step) + step).astype(np.float32)
         u = rng.normal(size=shape).astype(np.float32)
-        xt = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(xt)
-            yk = kl(xt, training=True)
-            loss = tf.reduce_sum(yk * u)
-        gx, gg, gb = tape.gradient(loss, [xt, kl.gamma, kl.beta])
+        yk, gx, gg, gb = _tf_step(kl, x, u)
         _close(layer(x), yk.numpy(), "output")
         _close(layer.backward(u), gx.numpy(), "dx")
         _close(layer.grad_weight, gg.numpy(), "dgamma")
