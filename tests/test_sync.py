@@ -573,6 +573,12 @@ def test_failing_rank_does_not_wait_for_its_own_error() -> None:
     assert run_ranks(2, rank_fn) == ["raised", "absent"]
 
 
+def _header(code: int, step: int, width: int, length: int = 7) -> np.ndarray:
+    from bnorm import distributed as d
+
+    return np.array([d._MAGIC, 0.0, code, step, width, length, 0.0, 0.0])
+
+
 def _heads(*ops: tuple[int, int, int], length: int = 7, flags: tuple[float, ...] = ()) -> np.ndarray:
     from bnorm import distributed as d
 
@@ -588,9 +594,10 @@ def test_header_checks_name_both_sides_and_the_steps() -> None:
     comm = BufferComm(_Group(3), 1)
     fwd, bwd = (d._FORWARD, 3, 4), (d._BACKWARD, 2, 4)
     me = d._Op(*bwd)
-    d._check_heads(_heads(bwd, bwd, bwd), comm, me, 7)  # in step: no error
+    mine = _header(*bwd)
+    d._check_heads(_heads(bwd, bwd, bwd), mine, comm, me)  # in step: no error
     with pytest.raises(PeerError) as info:
-        d._check_heads(_heads(fwd, bwd, fwd), comm, me, 7)
+        d._check_heads(_heads(fwd, bwd, fwd), mine, comm, me)
     assert str(info.value).startswith(
         "SyncBatchNorm ranks are out of step: this rank (1 of 3) is in SyncBatchNorm(4).backward of step 2, "
         "but ranks 0 and 2 are in SyncBatchNorm(4).forward of step 3. Every rank must make the same calls"
@@ -599,22 +606,22 @@ def test_header_checks_name_both_sides_and_the_steps() -> None:
     with pytest.raises(
         PeerError, match=r"but rank 0 is in allreduce_grads \(8 values\) of step 2; rank 2 is in "
     ):
-        d._check_heads(_heads((d._GRADS, 2, 8), bwd, fwd), comm, me, 7)
+        d._check_heads(_heads((d._GRADS, 2, 8), bwd, fwd), mine, comm, me)
     with pytest.raises(PeerError, match=r"rank 2 is in SyncBatchNorm\(4\)\.backward of step 5\."):
-        d._check_heads(_heads(bwd, bwd, (d._BACKWARD, 5, 4)), comm, me, 7)
+        d._check_heads(_heads(bwd, bwd, (d._BACKWARD, 5, 4)), mine, comm, me)
     with pytest.raises(PeerError, match=r"rank 0 is in SyncBatchNorm\(6\)\.backward of step 2\."):
-        d._check_heads(_heads((d._BACKWARD, 2, 6), bwd, bwd), comm, me, 7)
+        d._check_heads(_heads((d._BACKWARD, 2, 6), bwd, bwd), mine, comm, me)
     # A failed peer; a stranger's row; lengths that disagree.
     with pytest.raises(
         PeerError, match=r"^SyncBatchNorm\(4\)\.backward of step 2 failed on rank 2 of 3 \(see"
     ):
-        d._check_heads(_heads(bwd, bwd, bwd, flags=(0.0, 0.0, 1.0)), comm, me, 7)
+        d._check_heads(_heads(bwd, bwd, bwd, flags=(0.0, 0.0, 1.0)), mine, comm, me)
     stranger = _heads(bwd, bwd, bwd)
     stranger[0, 0] = 3.0
     with pytest.raises(PeerError, match="rank 0 sent a row that is not a bnorm header"):
-        d._check_heads(stranger, comm, me, 7)
+        d._check_heads(stranger, mine, comm, me)
     with pytest.raises(PeerError, match="the ranks send 7 and 9 values"):
-        d._check_heads(_heads(bwd, bwd, bwd), comm, me, 9)
+        d._check_heads(_heads(bwd, bwd, bwd), _header(*bwd, length=9), comm, me)
     # Helpers carry no step; a label replaces this rank's name.
     assert d._Op(d._SUM, 0, 3).describe() == "allreduce_sum (3 values)"
     assert d._Op(d._SUM, 0, 3, "the test step").describe() == "the test step"

@@ -1,36 +1,61 @@
-"""SyncBatchNorm across real MPI processes: ``mpiexec -n 3`` in a subprocess with a timeout.
+"""SyncBatchNorm across real MPI processes: ``mpiexec -n 3`` in a subprocess with a time limit.
 
-The scenarios (tests/mpi/sync_scenarios.py) check outputs, grad_input, summed
-grad_weight/grad_bias and running statistics against single-process BatchNorm on
-the concatenated batch for shard sizes [3, 1, 5] and [2, 0, 4], channels-last,
-several steps, the torch/keras/onnx conventions and eval; and that an error on
-one rank raises on every rank.  A hang (a rank left in a collective) fails the
-test by its timeout instead of blocking the test run.
+One launch runs every scenario (tests/mpi/sync_scenarios.py): outputs,
+grad_input, summed grad_weight/grad_bias and running statistics against
+single-process BatchNorm on the concatenated batch for shard sizes [3, 1, 5]
+and [2, 0, 4], channels-last, several steps, the torch/keras/onnx conventions,
+eval and a timeout that never fires; an error on one rank raising on every
+rank; recompute_running_stats over all ranks, empty ones included; and the
+out-of-step scenarios (an extra forward, allreduce_grads against backward, a
+rank in evaluation mode, another layer, a rebuilt layer, a peer that never
+arrives within the timeout).  A hang fails the test at the time limit: the
+whole process group is killed instead of blocking the test run.
+
+mpiexec is looked up next to the running Python first (where the mpich wheel
+puts it, even when that directory is not on PATH), then on PATH.  Without
+mpi4py or mpiexec the test skips -- unless ``BNORM_REQUIRE_MPI=1`` (set by
+``.ci/run``), which makes it fail, so CI cannot silently skip it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mpi4py")
-
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 240  # seconds; the run takes a few seconds on an idle 2-core machine
+# Seconds for the whole launch: it takes about 5 s on the 2-core development machine
+# with other jobs running (3 ranks on 2 cores); the limit only turns a hang into a failure.
+TIMEOUT = 120
+REQUIRED = os.environ.get("BNORM_REQUIRE_MPI") == "1"
+
+
+def _unavailable(why: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{why}, and BNORM_REQUIRE_MPI=1 says the MPI tests must run")
+    pytest.skip(why)
 
 
 def _mpiexec() -> str:
-    exe = shutil.which("mpiexec")
-    if exe is None:
-        pytest.skip('mpiexec not found (pip install "bnorm[mpi]" brings MPICH\'s)')
-    return exe
+    if importlib.util.find_spec("mpi4py") is None:
+        _unavailable('mpi4py is not installed (pip install "bnorm[mpi]")')
+    here = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    for exe in [d / "mpiexec" for d in here]:
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    found = shutil.which("mpiexec")
+    if found is None:
+        _unavailable('mpiexec not found (pip install "bnorm[mpi]" brings MPICH\'s)')
+    assert found is not None
+    return found
 
 
 def run_mpi(script: str, n: int = 3) -> subprocess.CompletedProcess[str]:
@@ -52,6 +77,11 @@ def run_mpi(script: str, n: int = 3) -> subprocess.CompletedProcess[str]:
         out, err = proc.communicate()
         pytest.fail(f"mpiexec -n {n} {script} did not finish in {TIMEOUT} s (a rank hung?)\n{out}\n{err}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_mpiexec_is_found() -> None:
+    """Where the mpich wheel puts mpiexec, or PATH; a skip here explains the skip below."""
+    assert Path(_mpiexec()).name == "mpiexec"
 
 
 def test_sync_batchnorm_under_mpiexec() -> None:
