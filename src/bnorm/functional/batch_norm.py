@@ -18,6 +18,7 @@ import numpy as np
 from .._conventions import RunningAverage
 from .._validation import (
     as_float_input,
+    check_bool,
     check_buffer,
     check_channel_vector,
     check_eps,
@@ -152,20 +153,21 @@ def _forward(
     ax = normalize_axis(axis, x.ndim)
     c = x.shape[ax]
     _check_policy(on_nonfinite)
-    batch_stats = bool(training) or running_mean is None or running_var is None
+    training = check_bool(training, "training")
+    batch_stats = training or running_mean is None or running_var is None
     if not training and require_eval_stats:
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if buf is None:
                 raise ValueError(f"{name} must be defined in evaluation mode")
     eps_f = check_eps(eps, training=batch_stats)
-    w = check_channel_vector(weight, "weight", c, ax)
-    b = check_channel_vector(bias, "bias", c, ax)
+    w = check_channel_vector(weight, "weight", c, ax, x.shape)
+    b = check_channel_vector(bias, "bias", c, ax, x.shape)
     if training:
-        rm = None if running_mean is None else check_buffer(running_mean, "running_mean", c, ax)
-        rv = None if running_var is None else check_buffer(running_var, "running_var", c, ax)
+        rm = None if running_mean is None else check_buffer(running_mean, "running_mean", c, ax, x.shape)
+        rv = None if running_var is None else check_buffer(running_var, "running_var", c, ax, x.shape)
     else:
-        rm = check_channel_vector(running_mean, "running_mean", c, ax)
-        rv = check_channel_vector(running_var, "running_var", c, ax)
+        rm = check_channel_vector(running_mean, "running_mean", c, ax, x.shape)
+        rv = check_channel_vector(running_var, "running_var", c, ax, x.shape)
     out_dtype = x.dtype
     y = np.empty(x.shape, dtype=out_dtype) if out is None else check_out(out, x.shape, out_dtype)
     x3 = channel_view(x, ax)
@@ -369,7 +371,7 @@ def batch_norm(
         Added to the variance; > 0 in training, >= 0 in evaluation.
     decay : float in [0, 1] or None
         The weight on the *old* running value (Keras/TF/ONNX/Flax/d2l
-        ``momentum``, the articles' ``decay`` and ``moving_momentum``); the
+        ``momentum``, TF 1's ``decay``, the from-scratch ``moving_momentum``); the
         same average as ``momentum = 1 - decay``.  Give momentum or decay, not both.
     axis : int
         The channel axis: 1 (channels-first, PyTorch/ONNX) or -1 (channels-last,
