@@ -686,3 +686,23 @@ def test_timeout_is_saved_and_restored(tmp_path: Path) -> None:
     back = bnorm.load(tmp_path / "sbn.npz")
     assert type(back) is bnorm.SyncBatchNorm and back.timeout == 12.5 and back.comm is None
     assert bnorm.SyncBatchNorm.from_batch_norm(bnorm.BatchNorm(3), timeout=4).timeout == 4.0
+
+
+def test_helpers_out_of_step_say_so_without_naming_layers() -> None:
+    def rank_fn(comm: Any) -> str:
+        with pytest.raises(PeerError) as info:
+            if comm.Get_rank() == 0:
+                allreduce_sum(comm, [1.0, 2.0, 3.0])
+            else:
+                allreduce_moments(channel_moments(np.ones((2, 2, 1))), comm)
+        return str(info.value)
+
+    msgs = run_ranks(2, rank_fn)
+    assert msgs[0] == (
+        "The ranks are out of step: this rank (0 of 2) is in allreduce_sum (3 values), but rank 1 is in "
+        "allreduce_moments (2 channels). Every rank must make the same calls in the same order, with the "
+        "same sizes. This call changed no state on any rank"
+    )
+    assert msgs[1].startswith(
+        "The ranks are out of step: this rank (1 of 2) is in allreduce_moments (2 channels)"
+    )

@@ -89,3 +89,13 @@ def test_sync_batchnorm_under_mpiexec() -> None:
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     # mpiexec interleaves the ranks' output, so two reports can share a line: match tokens.
     assert sorted(re.findall(r"OK rank (\d+) of 3", res.stdout)) == ["0", "1", "2"], res.stdout
+
+
+def test_required_mpi_fails_instead_of_skipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With BNORM_REQUIRE_MPI=1 a missing mpiexec is a failure (CI), else a skip."""
+    monkeypatch.setattr(sys.modules[__name__], "REQUIRED", True)
+    with pytest.raises(pytest.fail.Exception, match="BNORM_REQUIRE_MPI=1 says the MPI tests must run"):
+        _unavailable("mpiexec not found")
+    monkeypatch.setattr(sys.modules[__name__], "REQUIRED", False)
+    with pytest.raises(pytest.skip.Exception, match="mpiexec not found"):
+        _unavailable("mpiexec not found")

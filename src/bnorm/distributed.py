@@ -421,12 +421,17 @@ def _check_heads(heads: np.ndarray, header: np.ndarray, comm: Any, op: _Op) -> N
         peers = "; ".join(
             f"{_ranks(rs)} {'is' if len(rs) == 1 else 'are'} in {d}" for d, rs in groups.items()
         )
+        layers = op.code in _STEPPED or any(int(h[2]) in _STEPPED for h in heads)
+        calls = (
+            ": forward in the same mode (a training forward communicates, an evaluation forward "
+            "does not), backward, allreduce_grads and recompute_running_stats, on the same layers"
+            if layers
+            else ", with the same sizes"
+        )
         raise PeerError(
-            f"SyncBatchNorm ranks are out of step: this rank ({rank} of {size}) is in {op.describe()}, "
-            f"but {peers}. Every rank must make the same calls in the same order: forward in the same "
-            "mode (a training forward communicates, an evaluation forward does not), backward, "
-            "allreduce_grads and recompute_running_stats, on the same layers. This call changed no "
-            "state on any rank"
+            f"{'SyncBatchNorm ranks' if layers else 'The ranks'} are out of step: this rank ({rank} of "
+            f"{size}) is in {op.describe()}, but {peers}. Every rank must make the same calls in the "
+            f"same order{calls}. This call changed no state on any rank"
         )
     failed = [r for r, h in enumerate(heads) if h[1] != _OK]
     if failed:
