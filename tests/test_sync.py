@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -706,3 +707,42 @@ def test_helpers_out_of_step_say_so_without_naming_layers() -> None:
     assert msgs[1].startswith(
         "The ranks are out of step: this rank (1 of 2) is in allreduce_moments (2 channels)"
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6]), st.integers(0, 3), st.integers(1, 3), st.booleans()),
+        min_size=2,
+        max_size=5,
+    ),
+    rank=st.integers(0, 4),
+)
+def test_any_disagreement_raises_naming_both_sides(rows: list[tuple[int, int, int, bool]], rank: int) -> None:
+    """Whatever the ranks announce, a rank passes only if all agree, else PeerError names the peers."""
+    from bnorm import distributed as d
+
+    rank %= len(rows)
+    heads = np.zeros((len(rows), 8))
+    for r, (code, step, width, failed) in enumerate(rows):
+        heads[r, :6] = (d._MAGIC, 1.0 if failed and r != rank else 0.0, code, step, width, 2 * width)
+    op = d._Op(rows[rank][0], rows[rank][1], rows[rank][2])
+    header = heads[rank].copy()
+    others = [r for r in range(len(rows)) if r != rank]
+    differ = [r for r in others if rows[r][:3] != rows[rank][:3]]
+    failed = [r for r in others if rows[r][3]]
+    comm = BufferComm(_Group(len(rows)), rank)
+    if not differ and not failed:
+        d._check_heads(heads, header, comm, op)
+        return
+    with pytest.raises(PeerError) as info:
+        d._check_heads(heads, header, comm, op)
+    msg = str(info.value)
+    if differ:  # out of step takes precedence over a peer's failure
+        assert f"this rank ({rank} of {len(rows)}) is in {op.describe()}, but " in msg
+        for r in differ:
+            theirs = re.escape(d._op_of(heads[r]).describe())
+            assert re.search(rf"\branks? [^;]*\b{r}\b[^;]* (is|are) in {theirs}(;|\.)", msg), (r, msg)
+    else:
+        named = re.search(r"failed on ranks? ([\d, and]+) of \d", msg)
+        assert named is not None and sorted(map(int, re.findall(r"\d+", named.group(1)))) == failed, msg
