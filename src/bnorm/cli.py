@@ -1,8 +1,10 @@
-"""The ``bnorm`` command line: ``bnorm demo``, ``bnorm --version`` (also ``python -m bnorm``).
+"""The ``bnorm`` command line: ``bnorm demo``, ``bnorm stats``, ``bnorm --version`` (``python -m bnorm``).
 
 ``bnorm demo`` trains a network with and without batch normalization on the
 same data and prints when each reaches a target accuracy -- Figure 1 of Ioffe &
-Szegedy (2015); see :mod:`bnorm.demo` and docs/demo.md.
+Szegedy (2015); see :mod:`bnorm.demo` and docs/demo.md.  ``bnorm stats PATH``
+prints the exact per-channel statistics of a dataset on disk; see
+:mod:`bnorm.stats.command` and docs/stats-cli.md.
 
 Every argument is checked before any work starts, and every failure is one
 line on stderr, ``bnorm <command>: <what went wrong and how to fix it>``, with
@@ -14,6 +16,8 @@ an exit status a script can test:
       written after the work was done
 2     usage error: a bad flag or value, an unreadable ``--data``, an ``--out`` or
       ``--json`` that cannot be written (all detected before any work)
+3     ``bnorm stats`` only: the data cannot give statistics (nothing readable,
+      mixed channel counts, ...; see :mod:`bnorm.stats.command`)
 130   interrupted (Ctrl-C); nothing half-written is left behind
 ====  ==========================================================================
 
@@ -305,6 +309,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    from .stats.command import add_arguments  # imported when used: bnorm.stats imports this module
+
+    add_arguments(parser)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .stats.command import run
+
+    return run(args)
+
+
 #: The subcommands, in the order ``bnorm --help`` lists them.  Add a command here.
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -320,6 +336,12 @@ COMMANDS: tuple[Command, ...] = (
             "the run. Data: scikit-learn's bundled 8x8 digits (nothing is downloaded) or "
             "--data mnist.npz. Exit status: 0 success, 1 failure, 2 usage error, 130 interrupted."
         ),
+    ),
+    Command(
+        "stats",
+        "exact per-channel mean and std of a folder of images or arrays",
+        _stats_arguments,
+        _stats,
     ),
 )
 
