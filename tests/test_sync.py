@@ -746,3 +746,29 @@ def test_any_disagreement_raises_naming_both_sides(rows: list[tuple[int, int, in
     else:
         named = re.search(r"failed on ranks? ([\d, and]+) of \d", msg)
         assert named is not None and sorted(map(int, re.findall(r"\d+", named.group(1)))) == failed, msg
+
+
+def test_timeouts_reach_allreduce_grads_and_running_stats() -> None:
+    """allreduce_grads takes the layers' timeout; RunningStats.allreduce takes its own."""
+    from bnorm.distributed import PeerTimeoutError
+    from bnorm.preprocessing import RunningStats
+
+    def rank0(comm: Any) -> list[str]:
+        bn = bnorm.SyncBatchNorm(2, comm=comm, timeout=0.2)
+        bn.grad_weight, bn.grad_bias = np.ones(2, np.float32), np.ones(2, np.float32)
+        msgs = []
+        with pytest.raises(PeerTimeoutError) as info:
+            bnorm.distributed.allreduce_grads([bn])
+        msgs.append(str(info.value))
+        assert_array_equal(bn.grad_weight, np.ones(2))  # unchanged
+        with pytest.raises(PeerTimeoutError) as info:
+            RunningStats().update(np.ones((3, 2))).allreduce(comm.Dup(), timeout=0.2)
+        msgs.append(str(info.value))
+        return msgs
+
+    # Rank 1 never calls anything, so rank 0 runs alone (its Dup cannot be collective either).
+    comm = BufferComm(_Group(2), 0)
+    comm.Dup = lambda: BufferComm(_Group(2), 0)  # type: ignore[method-assign]
+    msgs = rank0(comm)
+    assert msgs[0].startswith("allreduce_grads (4 values) of step 0 timed out after 0.2 s on rank 0 of 2")
+    assert msgs[1].startswith("allreduce_running_stats timed out after 0.2 s on rank 0 of 2")
