@@ -3,19 +3,21 @@ r"""Batch-normalization layers: ``BatchNorm`` (any rank) and ``BatchNorm1d/2d/3d
 from __future__ import annotations
 
 import inspect
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, check_momentum, records_explicit, resolve_layer_convention
+from .._running import NonFinitePolicy, check_policy, nonfinite, stage_running_update
 from .._validation import (
+    as_array,
     as_float_input,
     channels_last_hint,
     check_bool,
     check_eps,
+    check_float_dtype,
     check_fraction,
     check_positive_int,
     describe,
@@ -24,9 +26,7 @@ from .._validation import (
 from ..functional._moments import Moments, channel_moments, channel_view, merge_moments
 from ..functional.batch_norm import (
     BatchNormContext,
-    NonFinitePolicy,
     StatsReducer,
-    _check_policy,
     _forward,
     batch_norm_backward,
 )
@@ -151,10 +151,8 @@ class _BatchNormBase(Module):
         eps_f = check_eps(eps, training=True)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {describe(axis)}")
-        dt = np.dtype(dtype)
-        if dt.kind != "f":
-            raise TypeError(f"dtype must be a floating dtype, got {dt}")
-        _check_policy(on_nonfinite)
+        dt = check_float_dtype(dtype)
+        check_policy(on_nonfinite)
         self.num_features = int(num_features)
         self.eps = eps_f
         self._running = running
@@ -240,6 +238,19 @@ class _BatchNormBase(Module):
             self.weight.fill(1)
         if self.bias is not None:
             self.bias.fill(0)
+
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        args = cls._bound_config(config)
+        c = (check_positive_int(args["num_features"], "num_features"),)
+        shapes: dict[str, tuple[int, ...]] = {}
+        if args["affine"]:
+            shapes["weight"] = c
+            if args.get("bias", True):
+                shapes["bias"] = c
+        if args["track_running_stats"]:
+            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
+        return shapes
 
     def _config(self) -> dict[str, Any]:
         config = super()._config()
@@ -331,18 +342,9 @@ class _BatchNormBase(Module):
             ax = self._check_channels(arr)
             m = channel_moments(channel_view(arr, ax))
             if m.count and not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
-                if self.on_nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"batch {seen - 1} has non-finite statistics (NaN or inf in the input); "
-                        "running statistics left unchanged"
-                    )
-                if self.on_nonfinite == "skip":
-                    warnings.warn(
-                        f"batch {seen - 1} has non-finite statistics (NaN or inf in the input) "
-                        "and was skipped (on_nonfinite='skip')",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                reason = f"batch {seen - 1} has non-finite statistics (NaN or inf in the input)"
+                # stacklevel 3: the caller of recompute_running_stats, two frames up
+                if not nonfinite(self.on_nonfinite, reason, stacklevel=3):
                     continue
             total = merge_moments(total, m)
             absorbed += 1
@@ -357,9 +359,19 @@ class _BatchNormBase(Module):
                 f"{'unbiased' if ddof else 'biased'} variance, got {total.count}"
             )
         assert self.running_mean is not None and self.running_var is not None
+        staged = stage_running_update(
+            [
+                ("running_mean", self.running_mean, total.mean),
+                ("running_var", self.running_var, total.var(ddof)),
+            ],
+            self.on_nonfinite,
+            stacklevel=3,  # the caller of recompute_running_stats
+        )
+        if staged is None:  # skipped (on_nonfinite='skip'): buffers and counter unchanged
+            return
+        for buffer, value in staged:
+            buffer[...] = value
         assert self.num_batches_tracked is not None
-        self.running_mean[...] = total.mean
-        self.running_var[...] = total.var(ddof)
         self.num_batches_tracked[...] = absorbed
 
     # -- forward / backward ----------------------------------------------------
@@ -405,7 +417,7 @@ class _BatchNormBase(Module):
         ndarray
             Same shape and dtype as `x` (float16 stays float16).
         """
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         self._check_input_dim(arr)
         self._check_channels(arr)
         mode = self._mode(training)
