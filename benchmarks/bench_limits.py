@@ -57,7 +57,8 @@ from bench_batchnorm import SHAPES
 from timing import geomean, settle, torch_or_none
 
 import bnorm
-from bnorm.functional._moments import _elementwise, _Step, backward_pass, backward_sums, channel_view
+from bnorm.functional._kernels.channel import _elementwise, _Step, backward_pass
+from bnorm.functional._kernels.moments import backward_sums, channel_view
 
 
 class Half:

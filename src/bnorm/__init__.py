@@ -17,7 +17,7 @@ from . import (
 )
 from ._conventions import CONVENTIONS, Convention, MomentumConventionWarning
 from ._version import __version__
-from .functional._moments import num_threads, set_num_threads
+from .functional._kernels.pool import num_threads, set_num_threads
 from .io import load, save
 from .layers import (
     BatchNorm,

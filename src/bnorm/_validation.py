@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import os
 import sys
 import warnings
@@ -234,7 +235,7 @@ def check_eps(eps: Any, *, training: bool) -> float:
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"eps must be a positive number, got {describe(eps)}")
     v = float(eps)
-    if not np.isfinite(v) or v < 0:
+    if not math.isfinite(v) or v < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if training and v == 0:
         raise ValueError(

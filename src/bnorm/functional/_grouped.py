@@ -43,14 +43,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._moments import (
-    Moments,
-    affine_pass,
-    backward_pass,
-    backward_sums,
-    channel_moments,
-    channel_view,
-)
+from ._kernels.channel import affine_pass, backward_pass
+from ._kernels.moments import Moments, backward_sums, channel_moments, channel_view
 
 __all__ = [
     "row_view",

@@ -6,7 +6,7 @@ index of the leading "batch" axes) is normalized over its trailing
 
 Layout.  With ``R = prod(batch axes)`` rows of ``M = prod(normalized_shape)``
 values, the row statistics come from
-:func:`~bnorm.functional._moments.channel_moments` over the ``(1, R, M)`` view;
+:func:`~bnorm.functional._kernels.moments.channel_moments` over the ``(1, R, M)`` view;
 the elementwise affine is a per-"channel" pass over the ``(R, M, 1)`` view,
 where each of the M positions is a channel.  Backward reuses the same
 primitives (see :func:`layer_norm_backward`), using the output array as its
@@ -24,7 +24,8 @@ import numpy as np
 from .._validation import as_float_input, check_eps, describe
 from ._common import param_grads, start_backward
 from ._grouped import row_view
-from ._moments import affine_pass, backward_pass, backward_sums, channel_moments
+from ._kernels.channel import affine_pass, backward_pass
+from ._kernels.moments import backward_sums, channel_moments
 
 __all__ = [
     "layer_norm",

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..functional._moments import Moments
+from ..functional._kernels.moments import Moments
 from ..preprocessing import RunningStats
 from .arrays import chunks
 from .errors import DataError

@@ -1,0 +1,231 @@
+"""The thread pool every kernel shares: :func:`parallel_map` and the thread count.
+
+Contract
+--------
+``parallel_map(fn, items, work_elements)`` returns ``[fn(item) for item in items]``,
+in the order of `items`.  The items are cut by the caller from the data's shape
+alone, never from the thread count, and each item's result is computed by one
+call ``fn(item)`` that does not depend on which thread runs it; whatever
+combines the results does so in the order of `items`.  Results are therefore
+bit-identical for any :func:`set_num_threads` value and on any machine.
+
+Scheduling
+----------
+The calling thread and up to ``num_threads() - 1`` helper threads take the next
+item from one shared counter until none is left (NumPy releases the GIL in its
+loops, so the threads overlap).  The caller never waits for a group of items
+assigned in advance: when a helper is descheduled -- another process keeps the
+cores busy -- the caller takes the remaining items itself and waits at most
+for the items already started, so a loaded machine is no slower than one
+thread (plus one item).  Small work (`work_elements` below
+:data:`PARALLEL_MIN_ELEMENTS`) and one-thread settings run on the caller alone,
+without touching the pool.
+
+Threads
+-------
+The helpers are daemon threads started on first use and kept; they block on a
+queue when idle.  :func:`set_num_threads` only changes how many helpers the
+next call asks for (and retires surplus helpers through the same queue once
+they are idle), under a lock: it never stops a thread that runs a kernel, so
+it is safe to call while kernels run in other threads.  A forked child starts
+with no helpers and builds its own on first use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = ["PARALLEL_MIN_ELEMENTS", "num_threads", "parallel_map", "set_num_threads"]
+
+#: Work smaller than this many elements runs on the calling thread alone: below
+#: it, waking a helper (~20-50 us with the GIL hand-over) costs more than it saves.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+_T = TypeVar("_T")
+
+
+def _default_threads() -> int:
+    env = os.environ.get("BNORM_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class _Job:
+    """One :func:`parallel_map` call: items taken from a shared counter by any thread.
+
+    No lock: ``next()`` of an ``itertools.count`` and ``list.append`` are atomic
+    under the GIL, so a helper descheduled at any point never blocks the others
+    (a lock held by a descheduled thread would).
+    """
+
+    __slots__ = ("_done", "_errors", "_finished", "_next", "fn", "items", "results")
+
+    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> None:
+        self.fn = fn
+        self.items = items
+        self.results: list[Any] = [None] * len(items)
+        self._next = itertools.count()
+        self._done = itertools.count(1)
+        self._finished = threading.Event()
+        self._errors: list[tuple[int, BaseException]] = []
+
+    def work(self) -> None:
+        """Run items until none is left (called by the caller and by helpers)."""
+        n = len(self.items)
+        while True:
+            i = next(self._next)
+            if i >= n:
+                return
+            if not self._errors:  # after a failure the rest are only counted
+                try:
+                    self.results[i] = self.fn(self.items[i])
+                except BaseException as e:  # re-raised by the caller, in item order
+                    self._errors.append((i, e))
+            if next(self._done) == n:
+                self._finished.set()
+
+    def wait(self) -> list[Any]:
+        self._finished.wait()
+        if self._errors:
+            raise min(self._errors, key=lambda ie: ie[0])[1]
+        return self.results
+
+
+class _Pool:
+    """Helper threads fed through one queue; the thread count behind a lock."""
+
+    def __init__(self, threads: int) -> None:
+        self.lock = threading.Lock()
+        self.threads = threads
+        self.helpers = 0  # helper threads alive (or about to start)
+        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+
+    def _serve(self) -> None:
+        q = self.queue
+        while True:
+            job = q.get()
+            if job is None:  # retired by set_num_threads
+                return
+            job.work()
+
+    def set_threads(self, n: int) -> None:
+        with self.lock:
+            self.threads = n
+            # Retire helpers beyond the new count: each takes one None when idle,
+            # after any job already queued.  Running kernels are never interrupted.
+            while self.helpers > n - 1:
+                self.queue.put(None)
+                self.helpers -= 1
+
+    def run(self, job: _Job, helpers: int) -> list[Any]:
+        with self.lock:
+            while self.helpers < helpers:
+                t = threading.Thread(target=self._serve, name=f"bnorm-{self.helpers}", daemon=True)
+                t.start()
+                self.helpers += 1
+            for _ in range(helpers):
+                self.queue.put(job)
+        job.work()
+        return job.wait()
+
+
+_pool = _Pool(_default_threads())
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has none of the parent's threads (and maybe a held lock).
+    global _pool
+    _pool = _Pool(_pool.threads)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def num_threads() -> int:
+    """The number of threads bnorm's kernels use.
+
+    The default is the CPU count, at most 8, or the environment variable
+    ``BNORM_NUM_THREADS`` when set at import.  Small arrays always run on the
+    calling thread.
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Examples
+    --------
+    >>> import bnorm
+    >>> bnorm.num_threads() >= 1
+    True
+    """
+    return _pool.threads
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads in bnorm's kernels from now on (1: no threading).
+
+    The kernels cut arrays into cache-sized tiles fixed by the array's shape and
+    let up to `n` threads take them (NumPy and BLAS release the GIL).  Results
+    are bit-identical for every `n`: the tiles and the order in which their
+    partial results are combined do not depend on it.  Safe to call while
+    kernels run in other threads (they finish with the threads they have).
+
+    Parameters
+    ----------
+    n : int
+        The number of threads, >= 1.
+
+    Raises
+    ------
+    ValueError
+        If `n` is not an int >= 1.
+
+    Examples
+    --------
+    >>> import bnorm
+    >>> old = bnorm.num_threads()
+    >>> bnorm.set_num_threads(1)
+    >>> bnorm.num_threads()
+    1
+    >>> bnorm.set_num_threads(old)
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    _pool.set_threads(int(n))
+
+
+def parallel_map(fn: Callable[[Any], _T], items: Sequence[Any], work_elements: int) -> list[_T]:
+    """``[fn(item) for item in items]``, spread over the pool's threads; results in order.
+
+    Parameters
+    ----------
+    fn : callable
+        Called once per item; its result must not depend on the thread that runs it.
+    items : sequence
+        The work, cut from the data's shape (never from the thread count).
+    work_elements : int
+        The size of the whole work in array elements; below
+        :data:`PARALLEL_MIN_ELEMENTS` everything runs on the calling thread.
+
+    Returns
+    -------
+    list
+        ``fn(item)`` for every item, in the order of `items`.  If calls raise,
+        the exception of the first such item (in item order) is re-raised
+        after every started call has finished.
+    """
+    pool = _pool
+    helpers = min(pool.threads, len(items)) - 1
+    if helpers <= 0 or work_elements < PARALLEL_MIN_ELEMENTS:
+        return [fn(item) for item in items]
+    return pool.run(_Job(fn, items), helpers)
