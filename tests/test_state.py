@@ -431,34 +431,3 @@ def test_read_only_target_is_refused_before_anything_changes():
         bn.load_state_dict(state)
     np.testing.assert_array_equal(bn.weight, before["weight"])
     np.testing.assert_array_equal(bn.running_mean, before["running_mean"])
-
-
-class FakeReducer:
-    """Stands in for another process holding `remote` (what SyncBatchNorm's reducer does)."""
-
-    def __init__(self, remote):
-        self.remote, self.calls = remote, 0
-
-    def moments(self, local):
-        from bnorm.functional._kernels.moments import merge_moments
-
-        self.calls += 1
-        return merge_moments(local, self.remote)
-
-
-@pytest.mark.parametrize("local_batches", [0, 2])
-def test_recompute_merges_across_processes_once(monkeypatch, local_batches):
-    from bnorm.functional._kernels.moments import channel_moments
-
-    rng = np.random.default_rng(0)
-    remote_x = rng.normal(size=(7, 2))
-    local = [rng.normal(3, 1, size=(4, 2)) for _ in range(local_batches)]
-    reducer = FakeReducer(channel_moments(remote_x[:, :, None]))
-    bn = bnorm.BatchNorm1d(2, dtype=np.float64)
-    monkeypatch.setattr(bn, "_reducer", lambda: reducer)
-    bn.recompute_running_stats(iter(local))  # an empty shard takes part too
-    whole = np.concatenate([*local, remote_x])
-    assert reducer.calls == 1
-    np.testing.assert_allclose(bn.running_mean, whole.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(bn.running_var, whole.var(0, ddof=1), rtol=1e-12)
-    assert int(bn.num_batches_tracked) == local_batches

@@ -98,8 +98,8 @@ def _check_target(user_path: str, target: str) -> None:
         )
 
 
-def write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` atomically with ``write(file)``; see the module docstring."""
+def write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> str:
+    """Write `path` atomically with ``write(file)`` and return it; see the module docstring."""
     user_path = os.fspath(path)
     target = os.path.realpath(user_path)  # follow a symlink to the file it names
     directory = os.path.dirname(target)
@@ -147,3 +147,4 @@ def write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    return user_path

@@ -303,10 +303,8 @@ class _BatchNormBase(Module):
         :attr:`num_batches_tracked` becomes the number of batches absorbed (as
         :func:`torch.optim.swa_utils.update_bn` leaves it), so a later
         cumulative average (``momentum=None``) continues as if those batches
-        had been seen.  Under a statistics reducer (SyncBatchNorm) the totals
-        are merged across processes once, at the end: every process must call
-        this method, a process with no batches (an empty shard) included, and
-        the counter counts this process's batches.
+        had been seen.  :class:`~bnorm.SyncBatchNorm` merges the totals
+        over its processes (see its own method).
 
         Parameters
         ----------
@@ -340,11 +338,25 @@ class _BatchNormBase(Module):
         >>> bn.running_mean, bn.running_var, int(bn.num_batches_tracked)
         (array([4., 8.], dtype=float32), array([ 6.6666665, 26.666666 ], dtype=float32), 2)
         """
+        self._check_recompute()
+        total, absorbed, seen = self._absorb(batches)
+        if seen == 0:
+            raise ValueError("batches must contain at least one batch, got an empty iterable")
+        self._set_population_stats(total, absorbed)
+        return self
+
+    def _check_recompute(self) -> None:
         if not self.track_running_stats or self.running_mean is None or self.running_var is None:
             raise ValueError(
                 "recompute_running_stats needs running statistics: the layer was built with "
                 "track_running_stats=False"
             )
+
+    def _absorb(self, batches: Iterable[Any]) -> tuple[Moments, int, int]:
+        """Merge the batches' moments: ``(moments, batches absorbed, batches seen)``; changes no state.
+
+        Non-finite batches follow :attr:`on_nonfinite` (skipped ones are seen, not absorbed).
+        """
         total = Moments.empty(self.num_features)
         absorbed = 0
         seen = 0
@@ -356,38 +368,36 @@ class _BatchNormBase(Module):
             m = channel_moments(channel_view(arr, ax))
             if m.count and not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
                 reason = f"batch {seen - 1} has non-finite statistics (NaN or inf in the input)"
-                if not nonfinite(self.on_nonfinite, reason, stacklevel=2):
+                # stacklevel 3: the caller of recompute_running_stats, two frames up
+                if not nonfinite(self.on_nonfinite, reason, stacklevel=3):
                     continue
             total = merge_moments(total, m)
             absorbed += 1
-        reducer = self._reducer()
-        if reducer is None:
-            if seen == 0:
-                raise ValueError("batches must contain at least one batch, got an empty iterable")
-        else:
-            # every process must take part, one with an empty shard included
-            total = reducer.moments(total)
+        return total, absorbed, seen
+
+    def _set_population_stats(self, total: Moments, absorbed: int) -> None:
+        """Write the running buffers from `total` (ValueError, nothing written, if too few values)."""
         ddof = 1 if self.unbiased_running_var else 0
         if total.count <= ddof:
             raise ValueError(
                 f"batches must hold more than {ddof} value(s) per channel to compute the "
                 f"{'unbiased' if ddof else 'biased'} variance, got {total.count}"
             )
+        assert self.running_mean is not None and self.running_var is not None
         staged = stage_running_update(
             [
                 ("running_mean", self.running_mean, total.mean),
                 ("running_var", self.running_var, total.var(ddof)),
             ],
             self.on_nonfinite,
-            stacklevel=2,
+            stacklevel=3,  # the caller of recompute_running_stats
         )
-        if staged is None:
-            return self
+        if staged is None:  # skipped (on_nonfinite='skip'): buffers and counter unchanged
+            return
         for buffer, value in staged:
             buffer[...] = value
         assert self.num_batches_tracked is not None
         self.num_batches_tracked[...] = absorbed
-        return self
 
     # -- forward / backward ----------------------------------------------------
     def _check_input_dim(self, x: np.ndarray) -> None:
