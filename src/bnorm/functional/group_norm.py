@@ -15,7 +15,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_channel_vector, check_eps, check_positive_int
 from ._common import param_grads, start_backward
-from ._grouped import group_moments, grouped_affine, grouped_backward
+from ._kernels.rowwise import RowPlan, as_rows, row_backward, row_forward, row_problem
 
 __all__ = ["group_norm", "group_norm_forward", "group_norm_backward", "GroupNormContext"]
 
@@ -33,8 +33,8 @@ class GroupNormContext:
     mean, invstd : ndarray of shape (N * G,), float64
         Per (sample, group) mean and ``1 / sqrt(var_biased + eps)``, row
         ``n * G + g``.
-    weight : ndarray of shape (C,), float64, or None
-        gamma (None: 1, and no grad_weight).
+    weight : ndarray of shape (C,), or None
+        gamma, a copy in the compute dtype (None: 1, and no grad_weight).
     weight_dtype, bias_dtype : dtype or None
         dtypes of the given weight and bias, for the returned gradients.
     """
@@ -51,6 +51,13 @@ class GroupNormContext:
 def check_num_groups(num_groups: Any) -> int:
     """num_groups must be a positive int."""
     return check_positive_int(num_groups, "num_groups")
+
+
+def grouped_problem(x: np.ndarray, num_groups: int) -> tuple[np.ndarray, RowPlan]:
+    """``(N, C, *S)`` input as its ``(N * G, C / G * prod(S))`` rows, and their plan."""
+    n, c = x.shape[0], x.shape[1]
+    spatial = int(np.prod(x.shape[2:], dtype=np.int64))
+    return row_problem(x, n * num_groups, c // num_groups, spatial, num_groups)
 
 
 def group_norm_forward(
@@ -94,16 +101,14 @@ def group_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
-    moments = group_moments(x, groups)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        invstd = 1.0 / np.sqrt(moments.var(ddof=0) + eps_f)
-    gamma = None if w is None else w.astype(np.float64)
+    x2, plan = grouped_problem(x, groups)
     y = np.empty(x.shape, dtype=x.dtype)
-    grouped_affine(x, groups, moments.mean, invstd, gamma, None if b is None else b.astype(np.float64), y)
+    gamma = None if w is None else w.astype(plan.dtype)
+    mean, _var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(x2.shape))
     ctx = GroupNormContext(
         input=x,
         num_groups=groups,
-        mean=moments.mean,
+        mean=mean,
         invstd=invstd,
         weight=gamma,
         weight_dtype=None if w is None else w.dtype,
@@ -213,5 +218,15 @@ def group_norm_backward(
         `grad_output` does not have the input's shape.
     """
     x, g, dx = start_backward(grad_output, ctx, GroupNormContext, "group_norm_forward")
-    dgamma, dbeta = grouped_backward(g, x, ctx.num_groups, ctx.mean, ctx.invstd, ctx.weight, True, dx)
+    x2, plan = grouped_problem(x, ctx.num_groups)
+    dgamma, dbeta = row_backward(
+        as_rows(g, plan.rows),
+        x2,
+        plan,
+        ctx.mean,
+        ctx.invstd,
+        ctx.weight,
+        dx.reshape(x2.shape),
+        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
+    )
     return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))

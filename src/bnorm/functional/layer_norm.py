@@ -23,8 +23,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_eps, describe
 from ._common import param_grads, start_backward
-from ._grouped import row_view
-from ._moments import affine_pass, backward_pass, backward_sums, channel_moments
+from ._kernels.rowwise import as_rows, row_backward, row_forward, row_problem
 
 __all__ = [
     "layer_norm",
@@ -47,8 +46,8 @@ class LayerNormContext:
         The trailing shape normalized over.
     mean, invstd : ndarray of shape (prod(B),), float64
         Per-row mean and ``1 / sqrt(var_biased + eps)``.
-    weight : ndarray of shape (prod(normalized_shape),), float64, or None
-        gamma, flattened (None: 1, and no grad_weight).
+    weight : ndarray of shape (prod(normalized_shape),), or None
+        gamma, flattened, a copy in the compute dtype (None: 1, and no grad_weight).
     weight_dtype, bias_dtype : dtype or None
         dtypes of the given weight and bias, for the returned gradients.
     """
@@ -128,44 +127,22 @@ def layer_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = _check_affine(weight, "weight", shape)
     b = _check_affine(bias, "bias", shape)
-    m = int(np.prod(shape, dtype=np.int64))
     rows = int(np.prod(arr.shape[: arr.ndim - k], dtype=np.int64))
-    x3 = row_view(arr, rows)  # (1, R, M)
-    moments = channel_moments(x3)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = moments.var(ddof=0) if m else np.zeros(rows)
-        invstd = 1.0 / np.sqrt(var + eps_f)
+    m = int(np.prod(shape, dtype=np.int64))
+    x2, plan = row_problem(arr, rows, m, 1, 1)
     y = np.empty(arr.shape, dtype=arr.dtype)
-    gamma = None if w is None else w.astype(np.float64).ravel()
-    if arr.size:
-        with np.errstate(invalid="ignore", over="ignore"):
-            # x_hat = x * invstd - mean * invstd per row ...
-            affine_pass(x3, invstd, -moments.mean * invstd, row_view(y, rows))
-            if w is not None or b is not None:
-                # ... then y = x_hat * gamma + beta per position, in place over (R, M, 1).
-                yt = _positions_view(y, rows)
-                affine_pass(
-                    yt,
-                    np.ones(m) if gamma is None else gamma,
-                    np.zeros(m) if b is None else b.astype(np.float64).ravel(),
-                    yt,
-                )
+    gamma = None if w is None else w.astype(plan.dtype).ravel()
+    mean, _var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(rows, m))
     ctx = LayerNormContext(
         input=arr,
         normalized_shape=shape,
-        mean=moments.mean,
+        mean=mean,
         invstd=invstd,
         weight=gamma,
         weight_dtype=None if w is None else w.dtype,
         bias_dtype=None if b is None else b.dtype,
     )
     return y, ctx
-
-
-def _positions_view(a: np.ndarray, rows: int) -> np.ndarray:
-    """The ``(R, M, 1)`` view: each of the M normalized positions is a channel."""
-    per_row = a.size // rows if rows else 0
-    return a.reshape(rows, per_row, 1)
 
 
 def layer_norm(
@@ -270,34 +247,19 @@ def layer_norm_backward(
         `grad_output` does not have the input's shape.
     """
     x, g, dx = start_backward(grad_output, ctx, LayerNormContext, "layer_norm_forward")
-    shape = ctx.normalized_shape
-    m = int(np.prod(shape, dtype=np.int64))
     rows = ctx.mean.shape[0]
-    dgamma: np.ndarray = np.zeros(m)
-    dbeta: np.ndarray = np.zeros(m)
-    if x.size:
-        x3 = row_view(x, rows)  # (1, R, M)
-        dx3 = row_view(dx, rows)
-        mean, invstd = ctx.mean, ctx.invstd
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            if ctx.weight_dtype is not None or ctx.bias_dtype is not None:
-                # dx <- x_hat; per position: sum_r g and sum_r g * x_hat.
-                affine_pass(x3, invstd, -mean * invstd, dx3)
-                dbeta, dgamma = backward_sums(
-                    _positions_view(g, rows), _positions_view(dx, rows), np.zeros(m)
-                )
-            if ctx.weight is not None:
-                # dx <- g_hat = g * gamma (per position).
-                affine_pass(_positions_view(g, rows), ctx.weight, np.zeros(m), _positions_view(dx, rows))
-                ghat3 = dx3
-            else:
-                ghat3 = row_view(g, rows)
-            # Per row: sum(g_hat) and sum(g_hat * (x - mean)).
-            sum_ghat, sum_ghat_xc = backward_sums(ghat3, x3, mean)
-            mean_ghat = sum_ghat / m
-            mean_ghat_xhat = sum_ghat_xc * invstd / m
-            b = -invstd * invstd * mean_ghat_xhat
-            c = -invstd * mean_ghat - mean * b
-            # dx = g_hat * invstd + x * b + c (ghat3 may be dx3 itself: elementwise, in place).
-            backward_pass(ghat3, x3, invstd, b, c, dx3)
+    m = int(np.prod(ctx.normalized_shape, dtype=np.int64))
+    x2, plan = row_problem(x, rows, m, 1, 1)
+    g2 = as_rows(g, rows)
+    dgamma, dbeta = row_backward(
+        g2,
+        x2,
+        plan,
+        ctx.mean,
+        ctx.invstd,
+        ctx.weight,
+        dx.reshape(rows, m),
+        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
+    )
+    shape = ctx.normalized_shape
     return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype, shape))
