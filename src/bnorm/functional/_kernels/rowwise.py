@@ -5,76 +5,89 @@ Contract
 The input is a C-contiguous ``(R, M)`` matrix ``x2``: ``R`` independent rows
 (normalization groups) of ``M = Cg * S`` values, each row made of ``Cg``
 channels of ``S`` consecutive values.  Row ``r`` takes its affine parameters
-from group ``r % G``: ``gamma`` and ``beta`` have shape ``(G, Cg)`` and are
-broadcast over ``S``.
+from group ``r % G``: ``gamma`` and ``beta`` hold ``G * Cg`` values, one per
+(group, channel), broadcast over ``S``.
 
-==============  ====================  ============  ======  ==========  ====
-op              input                 R             Cg      S           G
-==============  ====================  ============  ======  ==========  ====
-layer / RMS     ``(*B, *F)``          prod(B)       prod(F)  1           1
-group norm      ``(N, C, *S)``, G     N * G         C / G   prod(S)     G
-instance norm   ``(N, C, *S)``        N * C         1       prod(S)     C
-==============  ====================  ============  ======  ==========  ====
+==============  ====================  ============  =======  =======  ====
+op              input                 R             Cg       S        G
+==============  ====================  ============  =======  =======  ====
+layer / RMS     ``(*B, *F)``          prod(B)       prod(F)  1        1
+group norm      ``(N, C, *S)``, G     N * G         C / G    prod(S)  G
+instance norm   ``(N, C, *S)``        N * C         1        prod(S)  C
+==============  ====================  ============  =======  =======  ====
 
-:func:`row_forward` writes ``y = (x - mean) * invstd * gamma + beta`` per row
-(``center=False``, RMSNorm: ``y = x * invstd * gamma`` with ``invstd =
-1 / sqrt(mean(x**2) + eps)``) and returns the float64 ``mean`` and
-``invstd`` of every row; :func:`row_apply` does the same with given
-statistics (instance norm's running statistics); :func:`row_backward` writes
-the input gradient and returns float64 ``dgamma``, ``dbeta`` of shape
-``(G * Cg,)``.  Backward, with :math:`\hat g = g\gamma`, :math:`x_c = x -
-\mu` (``x`` itself without centering) and bars the mean over a row's M values:
+* :func:`row_forward` writes ``y = (x - mean) * invstd * gamma + beta`` per
+  row and returns the float64 ``(mean, var, invstd)`` of every row (biased
+  variance, ``invstd = 1 / sqrt(var + eps)``).  Without centering (RMSNorm,
+  ``center=False`` in the plan) ``y = x * invstd * gamma`` with ``var`` the
+  mean square and ``mean = 0``.
+* :func:`row_apply` does the same with given statistics (instance norm's
+  running statistics).
+* :func:`row_backward` writes the input gradient and returns float64
+  ``dgamma``, ``dbeta`` of ``G * Cg`` values.  With :math:`\hat g = g\gamma`,
+  :math:`x_c = x - \mu` (``x`` itself without centering) and bars the mean
+  over a row's M values,
 
-.. math::
-    dx = \mathrm{invstd}\,\bigl(\hat g - \overline{\hat g}\bigr)
-         - x_c\,\mathrm{invstd}^3\,\overline{\hat g\,x_c}
+  .. math::
+      dx = \mathrm{invstd}\,\bigl(\hat g - \overline{\hat g}\bigr)
+           - x_c\,\mathrm{invstd}^3\,\overline{\hat g\,x_c}
 
-(without the :math:`\overline{\hat g}` term for RMSNorm, and just
-:math:`\hat g\,\mathrm{invstd}` when the statistics are constants).  Nothing
-full-size is allocated besides the output; the kernels keep no state.
+  (without the :math:`\overline{\hat g}` term without centering, and just
+  :math:`\hat g\,\mathrm{invstd}` when the statistics are constants);
+  ``dgamma = sum g * x_c * invstd`` and ``dbeta = sum g`` over the values of
+  each (group, channel).
+
+Nothing full-size is allocated besides the output; the kernels keep no state.
 
 How it is fast
 --------------
-Every row is independent, so statistics and normalization happen on the same
-tile of whole rows (:data:`TILE_ELEMENTS`, about 128 KiB of float32, in the
-core's L2 cache with the scratch it needs): the input is read from memory
-once and the output written once.  Per tile, forward: the row sums with a BLAS
-matrix-vector product, ``xc = x - mean``, ``sum(xc)`` and ``sum(xc**2)`` by
-BLAS (``@`` and ``np.vecdot``), then the affine in place.  Backward: ``xc``,
-the row and column sums of ``g`` and ``g * xc`` by BLAS against gamma,
-invstd and ones, then ``dx`` in four in-place passes.
+Every row is independent, so the statistics and the normalization of a row
+happen on the same tile of whole rows (:data:`TILE_ELEMENTS` values, 128 KiB
+of float32, in the core's L2 cache with the scratch it needs): x is read from
+memory once and y written once.  Per tile, forward: the row sums by BLAS
+(``x @ ones``), ``xc = x - shift``, ``sum(xc)`` and ``sum(xc**2)`` by BLAS
+(``@``, ``np.vecdot``), then the affine in place.  Backward: ``xc``, the sums
+of ``g`` and ``g * xc`` by BLAS against ones, gamma and invstd, then ``dx``
+in three or four in-place passes.  Small inputs are one tile, run by the
+calling thread: a dozen NumPy calls.
 
 The affine has two forms, chosen by ``S``:
 
-* *channel* (``S >= CHANNEL_FORM_MIN``, group and instance norm on images):
+* *channel* (``S >= CHANNEL_FORM_MIN``: group and instance norm of images):
   invstd and gamma fold into one coefficient per (row, channel), broadcast
-  over the S values: ``y = xc * (invstd * gamma) + beta``.
-* *element* (short S; layer norm, where S = 1): the per-row invstd and the
-  per-position gamma, beta are applied one after the other, each over whole
-  contiguous rows, because NumPy's loops over a stride-0 operand run slowly
-  on short inner loops.  Group norm in this form uses a tile-sized gamma
-  pattern built once per call (tiles are whole multiples of G rows).
+  over the S values: ``y = xc * (invstd * gamma) + beta`` (two passes).
+* *element* (short S, and layer norm, where S = 1): the per-row invstd, then
+  the per-position gamma and beta, each over whole contiguous rows, because
+  NumPy's broadcasting loops run slowly on short inner loops.  Group norm in
+  this form uses a tile-sized gamma pattern built once per call (its tiles
+  are whole multiples of G rows, so every tile starts at group 0).
 
-Tiles are cut from the shape alone and handed to :func:`~.pool.parallel_map`;
-each tile's partial sums are combined in tile order, so results are
-bit-identical for any thread count.  Rows longer than :data:`LONG_ROW` are cut
-into chunks: statistics chunk by chunk (merged in chunk order), then the
-elementwise passes chunk by chunk.
+Tiles are cut from the shape alone and handed to
+:func:`~bnorm.functional._kernels.pool.parallel_map`; each tile's partial sums
+are combined in tile order, so results are bit-identical for any thread
+count.  Rows longer than :data:`LONG_ROW` values are cut into chunks of whole
+channels (or of one channel): statistics chunk by chunk, merged in chunk
+order, then the elementwise passes chunk by chunk.
 
 Numerics
 --------
-* The row statistics are float64.  Sums run in the compute dtype (float16 is
-  computed in float32) on *centered* data: a first BLAS sum gives a shift
-  ``m1``; ``sum(x - m1)`` and ``sum((x - m1)**2)`` then give ``mean = m1 +
-  sum(x - m1) / M`` and ``M var = sum((x - m1)**2) - sum(x - m1)**2 / M``
-  without cancellation, so data offset by 1e4 keeps its variance (float32 BLAS
-  sums are as accurate as PyTorch's float32 row moments: ~1e-7 relative).
-* The output is computed in the compute dtype as ``(x - mean) * invstd``
-  with the mean rounded to it (not ``x * invstd - mean * invstd``): a constant
-  row gives exactly 0 (exactly beta), as in PyTorch.
-* Rows whose sums are not finite although the row is (float32 overflow of
-  squares of values above ~1e19) are recomputed in float64; NaN and inf
-  propagate as the formula says.
+* Row statistics are float64.  The sums run in the compute dtype (float16 is
+  computed in float32) on *centered* data: a BLAS row sum gives a shift
+  ``c``; ``sum(x - c)`` and ``sum((x - c)**2)`` then give ``mean = c +
+  sum(x - c) / M`` and ``M var = sum((x - c)**2) - sum(x - c)**2 / M``
+  without cancellation, so data offset by 1e4 keeps its variance.  (float32
+  BLAS sums of centered data are as accurate as PyTorch's float32 row
+  moments: ~1e-7 relative.)
+* The output is ``(x - mean) * invstd`` in the compute dtype with the mean
+  rounded to it, never ``x * invstd - mean * invstd`` in mixed precision: a
+  constant row gives exactly 0 (beta), as in PyTorch.  The shift ``c`` is
+  used instead of the rounded mean only where that changes no output by
+  more than a sixteenth of the dtype's epsilon (:func:`_recenter_tol`), which
+  saves a pass on ordinary data; constant rows and offset data always get
+  the rounded mean.
+* Rows whose sums are not finite (NaN or inf in the row, or float32 overflow
+  of squares above ~1e19) get float64 two-pass statistics, so finite input
+  never overflows and non-finite input gives what the formula gives.
 """
 
 from __future__ import annotations
@@ -95,10 +108,10 @@ __all__ = [
     "RowPlan",
     "as_rows",
     "make_plan",
-    "row_problem",
     "row_apply",
     "row_backward",
     "row_forward",
+    "row_problem",
 ]
 
 #: Values per tile (128 KiB of float32).  A backward tile works on five arrays
@@ -109,7 +122,8 @@ TILE_ELEMENTS = 1 << 15
 #: operand run on inner loops too short to pay for their setup.
 CHANNEL_FORM_MIN = 64
 
-#: Rows longer than this are cut into chunks of TILE_ELEMENTS values.
+#: Rows longer than this (1 MiB of float32) are cut into chunks of at most
+#: TILE_ELEMENTS values, so the scratch stays tile-sized.
 LONG_ROW = 1 << 18
 
 Array = np.ndarray[Any, Any]
@@ -125,11 +139,13 @@ class RowPlan:
         R, Cg, S and G of the module docstring.
     dtype : numpy dtype
         The compute dtype (float32 for float16 input).
+    center : bool
+        Subtract the mean (False: RMSNorm).
     tile_rows : int
-        Rows per tile: ``TILE_ELEMENTS // M`` at least 1, and in the element
-        form with ``G > 1`` a multiple of G (so every tile starts at group 0).
+        Rows per tile: ``TILE_ELEMENTS // M``, at least 1, and in the element
+        form with ``G > 1`` a multiple of G.
     channel_form : bool
-        Whether the affine is applied per (row, channel) (else per element).
+        Whether the affine is applied per (row, channel) rather than per value.
     """
 
     rows: int
@@ -137,6 +153,7 @@ class RowPlan:
     spatial: int
     groups: int
     dtype: np.dtype[Any]
+    center: bool
     tile_rows: int
     channel_form: bool
 
@@ -147,7 +164,7 @@ class RowPlan:
 
     @property
     def long_rows(self) -> bool:
-        """Whether rows are cut into chunks."""
+        """Whether rows are cut into chunks (rows longer than LONG_ROW)."""
         return self.row_length > LONG_ROW
 
     def tiles(self) -> list[tuple[int, int]]:
@@ -156,16 +173,16 @@ class RowPlan:
         return [(r, min(r + t, self.rows)) for r in range(0, self.rows, t)]
 
 
-def make_plan(rows: int, channels: int, spatial: int, groups: int, dtype: np.dtype[Any]) -> RowPlan:
+def make_plan(
+    rows: int, channels: int, spatial: int, groups: int, dtype: Any, *, center: bool = True
+) -> RowPlan:
     """The :class:`RowPlan` of an ``(R, Cg * S)`` problem in compute dtype `dtype`."""
     m = channels * spatial
     channel_form = spatial >= CHANNEL_FORM_MIN or m > LONG_ROW
     t = max(1, TILE_ELEMENTS // max(m, 1))
     if not channel_form and groups > 1:
-        # A multiple of G (G rows at least): every tile starts at group 0, so one
-        # tile-sized gamma pattern serves them all.
-        t = max(1, t // groups) * groups
-    return RowPlan(rows, channels, spatial, groups, np.dtype(dtype), min(t, max(rows, 1)), channel_form)
+        t = max(1, t // groups) * groups  # every tile starts at group 0
+    return RowPlan(rows, channels, spatial, groups, np.dtype(dtype), center, t, channel_form)
 
 
 def as_rows(a: Array, rows: int) -> Array:
@@ -175,9 +192,12 @@ def as_rows(a: Array, rows: int) -> Array:
     return a.reshape(rows, a.size // rows if rows else 0)
 
 
-def row_problem(x: Array, rows: int, channels: int, spatial: int, groups: int) -> tuple[Array, RowPlan]:
-    """`x` as its ``(R, Cg * S)`` matrix and the plan to normalize it in its compute dtype."""
-    return as_rows(x, rows), make_plan(rows, channels, spatial, groups, compute_dtype(x.dtype))
+def row_problem(
+    x: Array, rows: int, channels: int, spatial: int, groups: int, *, center: bool = True
+) -> tuple[Array, RowPlan]:
+    """`x` as its ``(R, Cg * S)`` matrix, and the plan to normalize it in its compute dtype."""
+    plan = make_plan(rows, channels, spatial, groups, compute_dtype(x.dtype), center=center)
+    return as_rows(x, rows), plan
 
 
 # --------------------------------------------------------------------------- affine parameters
@@ -186,15 +206,15 @@ def row_problem(x: Array, rows: int, channels: int, spatial: int, groups: int) -
 class _Affine:
     """gamma and beta in the compute dtype, in the layout each form reads.
 
-    Channel form: ``gamma``, ``beta`` of shape (G, Cg); a tile takes the rows
-    ``group_of(r0, r1)``.  Element form: ``gamma_rows``, ``beta_rows`` of shape
-    (1, M) for G = 1, or (tile_rows, M) -- the pattern of groups in a tile --
-    for G > 1.
+    Channel form: ``gamma``, ``beta`` of shape (G, Cg); a tile takes the rows of
+    its groups (:meth:`per_channel`).  Element form: ``gamma_rows``,
+    ``beta_rows`` of shape (1, M) for G = 1, else (tile_rows, M): the groups of
+    a tile's rows, repeated over S.
     """
 
     def __init__(self, plan: RowPlan, gamma: Array | None, beta: Array | None) -> None:
         ct = plan.dtype
-        g, cg, s = plan.groups, plan.channels, plan.spatial
+        g, cg = plan.groups, plan.channels
         self.plan = plan
         self.gamma = None if gamma is None else np.asarray(gamma, dtype=ct).reshape(g, cg)
         self.beta = None if beta is None else np.asarray(beta, dtype=ct).reshape(g, cg)
@@ -208,18 +228,16 @@ class _Affine:
         rep = np.repeat(p, plan.spatial, axis=1) if plan.spatial > 1 else p  # (G, M)
         if plan.groups == 1:
             return rep
-        return np.ascontiguousarray(np.tile(rep, (plan.tile_rows // plan.groups, 1)))
+        return np.tile(rep, (plan.tile_rows // plan.groups, 1))
 
     def per_channel(self, p: Array | None, r0: int, r1: int) -> Array | None:
-        """Rows r0..r1 of a (G, Cg) parameter: shape (T, Cg)."""
-        if p is None:
-            return None
-        g = self.plan.groups
-        if g == 1:
+        """Rows r0..r1 of a (G, Cg) parameter: shape (r1 - r0, Cg), or (1, Cg) for G = 1."""
+        if p is None or self.plan.groups == 1:
             return p
-        return p[np.arange(r0, r1) % g]
+        return p[np.arange(r0, r1) % self.plan.groups]
 
-    def per_element(self, p: Array | None, t: int) -> Array | None:
+    @staticmethod
+    def per_element(p: Array | None, t: int) -> Array | None:
         """A tile's (t, M) or (1, M) element-form parameter."""
         if p is None or p.shape[0] == 1:
             return p
@@ -229,36 +247,41 @@ class _Affine:
 # --------------------------------------------------------------------------- statistics
 
 
-def _centered_sums(xt: Array, xc: Array, ones: Array, center: bool) -> tuple[Array, Array, Array]:
-    """Shift, ``sum(x - shift)``, ``sum((x - shift)**2)`` per row of a tile, the last two float64.
+def _tile_stats(xt: Array, work: Array, ones: Array, eps: float, center: bool) -> tuple[Array, ...]:
+    """float64 ``(mean, var, invstd)`` of the rows of a tile, and the compute-dtype shift.
 
-    Writes ``x - shift`` into `xc` (`xt` itself when not centering).
+    Centering writes ``xt - shift`` into `work`, with the shift the BLAS row
+    mean; the shifted sums then give the mean and variance without
+    cancellation.  Without centering the shift is None and var the mean square.
     """
     m = xt.shape[1]
-    if not center:
-        shift = np.zeros(xt.shape[0], xt.dtype)
-        return shift, np.zeros(xt.shape[0]), np.vecdot(xt, xt).astype(np.float64)
-    shift = xt @ ones
-    shift /= m
-    np.subtract(xt, shift[:, None], out=xc)
-    return shift, (xc @ ones).astype(np.float64), np.vecdot(xc, xc).astype(np.float64)
-
-
-def _stats_from_sums(
-    shift: Array, d: Array, ss: Array, m: int, eps: float, center: bool
-) -> tuple[Array, Array, Array]:
-    """float64 mean, variance (mean square without centering) and invstd from shifted sums."""
-    mean = shift.astype(np.float64)
+    shift = None
     if center:
-        mean = mean + d / m
-        var = np.maximum(ss - d * d / m, 0.0) / m
+        shift = xt @ ones[:m]
+        shift *= shift.dtype.type(1.0 / m)
+        np.subtract(xt, shift[:, None], out=work)
+        d = (work @ ones[:m]).astype(np.float64)  # sum(x - shift)
+        ss = np.vecdot(work, work).astype(np.float64)  # sum((x - shift)**2)
+        mean = d / m
+        var = ss - d * mean
+        np.maximum(var, 0.0, out=var)
+        var /= m
+        mean += shift
+        check = d + ss
     else:
+        ss = np.vecdot(xt, xt).astype(np.float64)
+        mean = np.zeros(xt.shape[0])
         var = ss / m
-    return mean, var, 1.0 / np.sqrt(var + eps)
+        check = ss
+    invstd = 1.0 / np.sqrt(var + eps)
+    if not np.isfinite(check).all():
+        bad = np.flatnonzero(~np.isfinite(check))
+        mean[bad], var[bad], invstd[bad] = _float64_stats(xt[bad], eps, center)
+    return mean, var, invstd, shift
 
 
 def _float64_stats(xt: Array, eps: float, center: bool) -> tuple[Array, Array, Array]:
-    """Exact two-pass float64 statistics of the rows of a tile."""
+    """Two-pass float64 statistics of the rows of `xt` (the fallback for non-finite sums)."""
     x64 = xt.astype(np.float64)
     mean = x64.mean(axis=1) if center else np.zeros(xt.shape[0])
     if center:
@@ -267,110 +290,85 @@ def _float64_stats(xt: Array, eps: float, center: bool) -> tuple[Array, Array, A
     return mean, var, 1.0 / np.sqrt(var + eps)
 
 
-def _fix_nonfinite(
-    xt: Array, stats: tuple[Array, Array, Array], eps: float, center: bool, rows_sums: Array
-) -> None:
-    """Recompute in float64 the rows whose float32 sums overflowed (in place)."""
-    bad = ~np.isfinite(rows_sums)
-    if not bad.any():
-        return
-    rows = np.flatnonzero(bad)
-    for dst, src in zip(stats, _float64_stats(xt[rows], eps, center), strict=True):
-        dst[rows] = src
+def _recenter_tol(dtype: np.dtype[Any]) -> float:
+    """How far the shift may move an output before the rounded mean replaces it.
+
+    A sixteenth of the dtype's epsilon (an ulp at 1): PyTorch's own
+    ``x * alpha + beta'`` rounds at ``ulp(|x| * alpha)``, more than that.
+    """
+    return float(np.finfo(dtype).eps) / 16
 
 
 # --------------------------------------------------------------------------- forward
 
 
 def _normalize_tile(
-    xt: Array,
-    yt: Array,
-    mean_c: Array,
-    invstd: Array,
-    aff: _Affine,
-    r0: int,
-    center: bool,
-    recenter: bool,
+    xt: Array, work: Array, mean: Array, invstd: Array, shift: Array | None, aff: _Affine, r0: int
 ) -> None:
-    """``yt = (xt - mean) * invstd * gamma + beta``, in the compute dtype, in place in `yt`.
+    """``work = (xt - mean) * invstd * gamma + beta`` for one tile, in the compute dtype.
 
-    `recenter`: `yt` does not yet hold ``xt - mean_c`` and must be rewritten.
+    `work` already holds ``xt - shift`` when `shift` is given (the forward's
+    centering).  The mean is rounded to the compute dtype and subtracted before
+    the scaling (the centered form), so a constant row gives exactly beta.
     """
     plan = aff.plan
     t = xt.shape[0]
     ct = plan.dtype
-    if recenter:
-        if center:
-            np.subtract(xt, mean_c[:, None], out=yt)
-        elif yt is not xt:
-            np.copyto(yt, xt)
     inv_c = invstd.astype(ct)
+    if plan.center:
+        mean_c = mean.astype(ct)
+        if shift is None or (np.abs(mean_c - shift) * inv_c > _recenter_tol(ct)).any():
+            np.subtract(xt, mean_c[:, None], out=work)
+    elif work is not xt:
+        np.copyto(work, xt)
     if plan.channel_form:
         gamma = aff.per_channel(aff.gamma, r0, r0 + t)
         beta = aff.per_channel(aff.beta, r0, r0 + t)
-        y3 = yt.reshape(t, plan.channels, plan.spatial)
+        w3 = work.reshape(t, plan.channels, plan.spatial)
         coef = inv_c[:, None] if gamma is None else inv_c[:, None] * gamma  # (T, 1) or (T, Cg)
-        np.multiply(y3, coef[:, :, None], out=y3)
+        np.multiply(w3, coef[:, :, None], out=w3)
         if beta is not None:
-            np.add(y3, np.broadcast_to(beta, (t, plan.channels))[:, :, None], out=y3)
+            np.add(w3, beta[:, :, None], out=w3)
     else:
-        np.multiply(yt, inv_c[:, None], out=yt)
+        np.multiply(work, inv_c[:, None], out=work)
         gamma = aff.per_element(aff.gamma_rows, t)
         beta = aff.per_element(aff.beta_rows, t)
         if gamma is not None:
-            np.multiply(yt, gamma, out=yt)
+            np.multiply(work, gamma, out=work)
         if beta is not None:
-            np.add(yt, beta, out=yt)
+            np.add(work, beta, out=work)
 
 
 def _forward_tile(
-    xt: Array, yt: Array, aff: _Affine, ones: Array, eps: float, center: bool, r0: int
+    xt: Array, yt: Array, aff: _Affine, ones: Array, eps: float, r0: int
 ) -> tuple[Array, Array, Array]:
-    """Statistics and normalized output of one tile of whole rows; returns (mean, var, invstd)."""
+    """Statistics and output of one tile of whole rows; returns ``(mean, var, invstd)``."""
     ct = aff.plan.dtype
-    m = xt.shape[1]
     work = yt if yt.dtype == ct else np.empty(xt.shape, ct)
     if xt.dtype != ct:
         xt = xt.astype(ct)
-    shift, d, ss = _centered_sums(xt, work, ones, center)
-    stats = _stats_from_sums(shift, d, ss, m, eps, center)
-    _fix_nonfinite(xt, stats, eps, center, d + ss)
-    mean, _var, invstd = stats
-    mean_c = mean.astype(ct)
-    # x - shift is already in `work`; rewrite it only where the rounded mean differs.
-    recenter = not center or bool(np.any(mean_c != shift))
-    _normalize_tile(xt, work, mean_c, invstd, aff, r0, center, recenter)
+    mean, var, invstd, shift = _tile_stats(xt, work, ones, eps, aff.plan.center)
+    _normalize_tile(xt, work, mean, invstd, shift, aff, r0)
     if work is not yt:
         np.copyto(yt, work)
-    return stats
+    return mean, var, invstd
 
 
 def row_forward(
-    x2: Array,
-    plan: RowPlan,
-    gamma: Array | None,
-    beta: Array | None,
-    eps: float,
-    y2: Array,
-    *,
-    center: bool = True,
+    x2: Array, plan: RowPlan, gamma: Array | None, beta: Array | None, eps: float, y2: Array
 ) -> tuple[Array, Array, Array]:
     """Normalize the rows of `x2` into `y2`; return float64 ``(mean, var, invstd)`` of shape (R,).
-
-    ``var`` is the biased variance (the mean square without centering).
 
     Parameters
     ----------
     x2, y2 : ndarray of shape (R, M), C-contiguous
-        Input and output (any float dtype; computed in ``plan.dtype``).
+        Input and output (any float dtypes; computed in ``plan.dtype``).
     plan : RowPlan
         From :func:`make_plan`.
-    gamma, beta : ndarray of G * Cg values or None
+    gamma, beta : array of G * Cg values, or None
         The affine (None: 1 and 0).
     eps : float
         Added to the variance (to the mean square without centering).
-    center : bool, keyword-only
-        Subtract the mean (False: RMSNorm; the returned mean is 0).
     """
     r, m = plan.rows, plan.row_length
     if r == 0 or m == 0:
@@ -378,15 +376,19 @@ def row_forward(
             return np.zeros(r), np.zeros(r), np.full(r, 1.0 / np.sqrt(eps))
     aff = _Affine(plan, gamma, beta)
     if plan.long_rows:
-        return _long_forward(x2, plan, aff, eps, y2, center)
+        return _long_forward(x2, aff, eps, y2)
     ones = np.ones(m, plan.dtype)
 
     def tile(bounds: tuple[int, int]) -> tuple[Array, Array, Array]:
         r0, r1 = bounds
         with np.errstate(all="ignore"):
-            return _forward_tile(x2[r0:r1], y2[r0:r1], aff, ones, eps, center, r0)
+            return _forward_tile(x2[r0:r1], y2[r0:r1], aff, ones, eps, r0)
 
-    return _concat(_run(tile, plan.tiles(), r * m))
+    parts = _run(tile, plan.tiles(), r * m)
+    if len(parts) == 1:
+        return parts[0]
+    mean, var, invstd = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    return mean, var, invstd
 
 
 def row_apply(
@@ -402,6 +404,9 @@ def row_apply(
     if plan.rows == 0 or plan.row_length == 0:
         return
     aff = _Affine(plan, gamma, beta)
+    if plan.long_rows:
+        _long_apply(x2, aff, mean, invstd, y2)
+        return
     ct = plan.dtype
 
     def tile(bounds: tuple[int, int]) -> None:
@@ -409,27 +414,33 @@ def row_apply(
         xt, yt = x2[r0:r1], y2[r0:r1]
         with np.errstate(all="ignore"):
             work = yt if yt.dtype == ct else np.empty(xt.shape, ct)
-            _normalize_tile(
-                xt if xt.dtype == ct else xt.astype(ct),
-                work,
-                mean[r0:r1].astype(ct),
-                invstd[r0:r1],
-                aff,
-                r0,
-                True,
-                True,
-            )
+            xt = xt if xt.dtype == ct else xt.astype(ct)
+            _normalize_tile(xt, work, mean[r0:r1], invstd[r0:r1], None, aff, r0)
             if work is not yt:
                 np.copyto(yt, work)
 
-    if plan.long_rows:
-        tiles = [(r, r + 1) for r in range(plan.rows)]
-    else:
-        tiles = plan.tiles()
-    _run(tile, tiles, plan.rows * plan.row_length)
+    _run(tile, plan.tiles(), plan.rows * plan.row_length)
 
 
 # --------------------------------------------------------------------------- backward
+
+
+def _dx_stat_terms(work: Array, xc: Array, a: Array | None, b: Array, invstd: Array, m: int) -> None:
+    """``work += xc * k1 + k2``: the part of dx that flows through the statistics.
+
+    ``k1 = -invstd**3 * b / m`` with ``b = sum(g_hat * xc)``, and ``k2 = -invstd
+    * a / m`` with ``a = sum(g_hat)`` (None without centering).  `xc` is
+    overwritten.
+    """
+    ct = work.dtype
+    t = work.shape[0]
+    k1 = (-(invstd**3) * b / m).astype(ct)
+    x2 = xc.reshape(t, -1)
+    w2 = work.reshape(t, -1)
+    np.multiply(x2, k1[:, None], out=x2)
+    np.add(w2, x2, out=w2)
+    if a is not None:
+        np.add(w2, (-invstd * a / m).astype(ct)[:, None], out=w2)
 
 
 def _backward_tile(
@@ -442,115 +453,89 @@ def _backward_tile(
     ones: Array,
     r0: int,
     stats_depend: bool,
-    center: bool,
     want_params: bool,
 ) -> tuple[Array | None, Array | None]:
-    """Input gradient of one tile into `dxt`; per-tile parameter-gradient partials.
+    """Input gradient of one tile into `dxt`; the tile's parameter-gradient partials.
 
-    Returns ``(dgamma_part, dbeta_part)``: in the channel form float64 arrays of
-    shape (T, Cg) (one per row, summed over the rows of each group by the
-    caller); in the element form of shape (G, M) (this tile's rows already
-    summed per group).  None when not `want_params`.
+    Returns ``(dgamma_part, dbeta_part)``, float64: in the channel form of shape
+    (T, Cg), one row per row (summed per group by the caller); in the element
+    form of shape (G, M), this tile's rows already summed per group.  None
+    without `want_params`.
     """
     plan = aff.plan
     ct = plan.dtype
+    center = plan.center
     t, m = xt.shape
-    if xt.dtype != ct:
-        xt = xt.astype(ct)
-    if gt.dtype != ct:
-        gt = gt.astype(ct)
+    xt = xt if xt.dtype == ct else xt.astype(ct)
+    gt = gt if gt.dtype == ct else gt.astype(ct)
     work = dxt if dxt.dtype == ct else np.empty(xt.shape, ct)
-    inv = invstd
+    inv_c = invstd.astype(ct)
     if center:
-        xc = np.empty(xt.shape, ct)
-        np.subtract(xt, mean.astype(ct)[:, None], out=xc)
+        xc = np.subtract(xt, mean.astype(ct)[:, None])
     else:
-        xc = xt if not stats_depend else xt.copy()
-    need_xc_sums = stats_depend or want_params
+        xc = xt.copy() if stats_depend else xt  # _dx_stat_terms overwrites it
+    a: Array | None = None
     dgamma_part = dbeta_part = None
     if plan.channel_form:
         cg, s = plan.channels, plan.spatial
         g3 = gt.reshape(t * cg, s)
-        x3 = xc.reshape(t * cg, s)
         sg = (g3 @ ones[:s]).astype(np.float64).reshape(t, cg)  # sum_s g
-        sgx = np.vecdot(g3, x3).astype(np.float64).reshape(t, cg) if need_xc_sums else None
+        sgx = np.vecdot(g3, xc.reshape(t * cg, s)).astype(np.float64).reshape(t, cg)  # sum_s g * xc
         gamma = aff.per_channel(aff.gamma, r0, r0 + t)
         gamma64 = None if gamma is None else gamma.astype(np.float64)
         if want_params:
-            assert sgx is not None
-            dgamma_part, dbeta_part = sgx * inv[:, None], sg
-        coef = inv[:, None] if gamma64 is None else inv[:, None] * gamma64  # (T, 1) or (T, Cg)
-        d3 = work.reshape(t, cg, s)
-        np.multiply(gt.reshape(t, cg, s), coef.astype(ct)[:, :, None], out=d3)
+            dgamma_part, dbeta_part = sgx * invstd[:, None], sg
+        coef = invstd[:, None] if gamma64 is None else invstd[:, None] * gamma64  # (T, 1) or (T, Cg)
+        np.multiply(gt.reshape(t, cg, s), coef.astype(ct)[:, :, None], out=work.reshape(t, cg, s))
         if stats_depend:
-            assert sgx is not None
-            a = (sg if gamma64 is None else sg * gamma64).sum(axis=1)  # sum g_hat
+            if center:
+                a = (sg if gamma64 is None else sg * gamma64).sum(axis=1)  # sum g_hat
             b = (sgx if gamma64 is None else sgx * gamma64).sum(axis=1)  # sum g_hat * xc
-            _add_stat_terms(work, xc, a, b, inv, m, center)
+            _dx_stat_terms(work, xc, a, b, invstd, m)
     else:
         gamma_rows = aff.per_element(aff.gamma_rows, t)
-        gx = None
-        if want_params or gamma_rows is not None:
-            gx = np.multiply(gt, xc)  # g * xc
+        gx = np.multiply(gt, xc) if (want_params or gamma_rows is not None) else None  # g * xc
         if want_params:
             assert gx is not None
-            if plan.groups == 1:
-                dgamma_part = (inv.astype(ct) @ gx).astype(np.float64)[None, :]
-                dbeta_part = (ones[:t] @ gt).astype(np.float64)[None, :]
-            else:
-                k = t // plan.groups
-                np.multiply(gx, inv.astype(ct)[:, None], out=gx)
-                dgamma_part = (ones[:k] @ gx.reshape(k, plan.groups * m)).astype(np.float64)
-                dbeta_part = (ones[:k] @ gt.reshape(k, plan.groups * m)).astype(np.float64)
-                dgamma_part = dgamma_part.reshape(plan.groups, m)
-                dbeta_part = dbeta_part.reshape(plan.groups, m)
-                if stats_depend:
-                    np.multiply(gt, xc, out=gx)  # back to g * xc for the row sums
+            dgamma_part, dbeta_part = _element_param_parts(gt, gx, inv_c, ones, plan.groups)
         if gamma_rows is None:
-            np.multiply(gt, inv.astype(ct)[:, None], out=work)
+            np.multiply(gt, inv_c[:, None], out=work)
             if stats_depend:
-                a = (gt @ ones[:m]).astype(np.float64) if center else None
+                if center:
+                    a = (gt @ ones[:m]).astype(np.float64)
                 b = np.vecdot(gt, xc).astype(np.float64)
         else:
             assert gx is not None
-            np.multiply(gt, gamma_rows, out=work)
             if stats_depend:
-                a = _row_dot(gt, gamma_rows) if center else None
+                if center:
+                    a = _row_dot(gt, gamma_rows)
                 b = _row_dot(gx, gamma_rows)
-            np.multiply(work, inv.astype(ct)[:, None], out=work)
+            np.multiply(gt, gamma_rows, out=work)
+            np.multiply(work, inv_c[:, None], out=work)
         if stats_depend:
-            _add_stat_terms(work, xc, a, b, inv, m, center)
+            _dx_stat_terms(work, xc, a, b, invstd, m)
     if work is not dxt:
         np.copyto(dxt, work)
     return dgamma_part, dbeta_part
 
 
+def _element_param_parts(gt: Array, gx: Array, inv_c: Array, ones: Array, groups: int) -> tuple[Array, Array]:
+    """A tile's float64 (G, M) sums of ``g * x_hat`` and ``g`` over its rows of each group."""
+    t, m = gt.shape
+    if groups == 1:
+        return (inv_c @ gx).astype(np.float64)[None, :], (ones[:t] @ gt).astype(np.float64)[None, :]
+    k = t // groups  # the tile is k blocks of G rows, each block groups 0..G-1
+    gxhat = gx * inv_c[:, None]
+    dgamma = (ones[:k] @ gxhat.reshape(k, groups * m)).astype(np.float64).reshape(groups, m)
+    dbeta = (ones[:k] @ gt.reshape(k, groups * m)).astype(np.float64).reshape(groups, m)
+    return dgamma, dbeta
+
+
 def _row_dot(a: Array, gamma_rows: Array) -> Array:
-    """float64 ``sum_j a_ij * gamma_ij`` per row (gamma one row or one per row)."""
+    """float64 ``sum_j a_ij * gamma_ij`` per row (gamma one row for all, or one per row)."""
     if gamma_rows.shape[0] == 1:
         return (a @ gamma_rows[0]).astype(np.float64)
     return np.vecdot(a, gamma_rows).astype(np.float64)
-
-
-def _add_stat_terms(
-    work: Array, xc: Array, a: Array | None, b: Array, inv: Array, m: int, center: bool
-) -> None:
-    """``work += xc * k1 + k2``: the terms of dx that come through the statistics.
-
-    ``k1 = -invstd**3 * b / m`` (b = sum g_hat * xc) and ``k2 = -invstd * a / m``
-    (a = sum g_hat; absent without centering).  `xc` is scratch and is overwritten.
-    """
-    ct = work.dtype
-    t = work.shape[0]
-    k1 = (-(inv**3) * b / m).astype(ct)
-    x2 = xc.reshape(t, -1)
-    np.multiply(x2, k1[:, None], out=x2)
-    w2 = work.reshape(t, -1)
-    np.add(w2, x2, out=w2)
-    if center:
-        assert a is not None
-        k2 = (-inv * a / m).astype(ct)
-        np.add(w2, k2[:, None], out=w2)
 
 
 def row_backward(
@@ -563,10 +548,9 @@ def row_backward(
     dx2: Array,
     *,
     stats_depend: bool = True,
-    center: bool = True,
     want_params: bool = True,
 ) -> tuple[Array, Array]:
-    """Write the input gradient into `dx2`; return float64 ``(dgamma, dbeta)`` of shape (G * Cg,).
+    """Write the input gradient into `dx2`; return float64 ``(dgamma, dbeta)`` of G * Cg values.
 
     Parameters
     ----------
@@ -576,13 +560,11 @@ def row_backward(
         The forward's plan.
     mean, invstd : float64 ndarray of shape (R,)
         The statistics the forward normalized with.
-    gamma : ndarray of G * Cg values or None
+    gamma : array of G * Cg values, or None
         The forward's gamma (None: 1).
     stats_depend : bool, keyword-only
         Whether the statistics were computed from `x2` (else they are constants
         and ``dx = g * gamma * invstd``).
-    center : bool, keyword-only
-        Whether the forward subtracted the mean (False: RMSNorm).
     want_params : bool, keyword-only
         Compute dgamma and dbeta (else zeros are returned).
     """
@@ -592,7 +574,7 @@ def row_backward(
         return np.zeros(size), np.zeros(size)
     aff = _Affine(plan, gamma, None)
     if plan.long_rows:
-        return _long_backward(g2, x2, plan, aff, mean, invstd, dx2, stats_depend, center, want_params)
+        return _long_backward(g2, x2, aff, mean, invstd, dx2, stats_depend, want_params)
     ones = np.ones(max(m, plan.tile_rows), plan.dtype)
 
     def tile(bounds: tuple[int, int]) -> tuple[Array | None, Array | None]:
@@ -608,43 +590,29 @@ def row_backward(
                 ones,
                 r0,
                 stats_depend,
-                center,
                 want_params,
             )
 
     parts = _run(tile, plan.tiles(), r * m)
     if not want_params:
         return np.zeros(size), np.zeros(size)
-    return _param_sums(parts, plan)
-
-
-def _param_sums(parts: list[tuple[Array | None, Array | None]], plan: RowPlan) -> tuple[Array, Array]:
-    """dgamma, dbeta of shape (G * Cg,) from the tiles' partials, in tile order."""
-    g, cg = plan.groups, plan.channels
     dg = [p[0] for p in parts]
     db = [p[1] for p in parts]
-    if plan.channel_form:
-        # One (T, Cg) block per tile: rows r in order; group r % G.
-        rows_g = np.concatenate(dg)  # type: ignore[arg-type]
-        rows_b = np.concatenate(db)  # type: ignore[arg-type]
-        return _sum_over_groups(rows_g, g), _sum_over_groups(rows_b, g)
-    # Element form: (G, M) per tile; summed over tiles, then over S within each channel.
-    tot_g = _ordered_sum(dg).reshape(g, cg, plan.spatial).sum(axis=2).ravel()
-    tot_b = _ordered_sum(db).reshape(g, cg, plan.spatial).sum(axis=2).ravel()
-    return tot_g, tot_b
+    if plan.channel_form:  # (T, Cg) per tile: per-row values, group r % G
+        return _sum_over_groups(np.concatenate(dg), plan.groups), _sum_over_groups(np.concatenate(db), plan.groups)
+    # Element form: (G, M) per tile, summed in tile order, then over S within each channel.
+    shape3 = (plan.groups, plan.channels, plan.spatial)
+    return _ordered_sum(dg).reshape(shape3).sum(axis=2).ravel(), _ordered_sum(db).reshape(shape3).sum(axis=2).ravel()
 
 
-def _sum_over_groups(per_row: Array, g: int) -> Array:
-    """Sum the (R, Cg) per-row values over the rows of each group: shape (G * Cg,)."""
+def _sum_over_groups(per_row: Array, groups: int) -> Array:
+    """Sum (R, Cg) per-row values over the rows of each group (R is a multiple of G)."""
     r, cg = per_row.shape
-    full = (r // g) * g
-    out = per_row[:full].reshape(r // g, g, cg).sum(axis=0)
-    if full < r:  # only when R is not a multiple of G (never for group/instance norm)
-        out[: r - full] += per_row[full:]
-    return out.ravel()
+    return per_row.reshape(r // groups, groups, cg).sum(axis=0).ravel()
 
 
 def _ordered_sum(parts: list[Any]) -> Array:
+    """The sum of the arrays in `parts`, added in list order."""
     total = np.array(parts[0], dtype=np.float64, copy=True)
     for p in parts[1:]:
         total += p
@@ -654,76 +622,101 @@ def _ordered_sum(parts: list[Any]) -> Array:
 # --------------------------------------------------------------------------- long rows
 
 
-def _chunks(m: int) -> list[tuple[int, int]]:
-    return [(c, min(c + TILE_ELEMENTS, m)) for c in range(0, m, TILE_ELEMENTS)]
+def _row_chunks(plan: RowPlan) -> list[tuple[int, int, int, int]]:
+    """Chunks of one row: ``(c0, c1, s0, s1)``, whole channels c0..c1, or part s0..s1 of one.
 
-
-def _long_forward(
-    x2: Array, plan: RowPlan, aff: _Affine, eps: float, y2: Array, center: bool
-) -> tuple[Array, Array, Array]:
-    """Forward of rows longer than LONG_ROW: statistics chunk by chunk, then the passes."""
-    ct = plan.dtype
-    r, m = plan.rows, plan.row_length
-    chunks = _chunks(m)
-    ones = np.ones(TILE_ELEMENTS, ct)
-    items = [(row, c0, c1) for row in range(r) for (c0, c1) in chunks]
-    shift = np.zeros(r, ct)
-    if center:
-
-        def row_sum(item: tuple[int, int, int]) -> Any:
-            row, c0, c1 = item
-            xt = x2[row, c0:c1]
-            return (xt.astype(ct) if xt.dtype != ct else xt) @ ones[: c1 - c0]
-
-        sums = np.array(_run(row_sum, items, r * m), dtype=np.float64).reshape(r, len(chunks))
-        shift = (sums.sum(axis=1) / m).astype(ct)
-
-    def shifted(item: tuple[int, int, int]) -> tuple[float, float]:
-        row, c0, c1 = item
-        with np.errstate(all="ignore"):
-            xt = x2[row, c0:c1]
-            xt = xt.astype(ct) if xt.dtype != ct else xt
-            xc = xt - shift[row] if center else xt
-            return float(xc @ ones[: c1 - c0]), float(np.vecdot(xc, xc))
-
-    sums2 = np.array(_run(shifted, items, r * m), dtype=np.float64).reshape(r, len(chunks), 2)
-    d, ss = sums2[:, :, 0].sum(axis=1), sums2[:, :, 1].sum(axis=1)
-    with np.errstate(all="ignore"):
-        stats = _stats_from_sums(shift, d, ss, m, eps, center)
-        for row in np.flatnonzero(~np.isfinite(d + ss)):
-            for dst, src in zip(stats, _float64_stats(x2[row : row + 1], eps, center), strict=True):
-                dst[row] = src[0]
-    _long_apply(x2, plan, aff, stats[0], stats[2], y2, center)
-    return stats
-
-
-def _long_apply(
-    x2: Array, plan: RowPlan, aff: _Affine, mean: Array, invstd: Array, y2: Array, center: bool
-) -> None:
-    """The elementwise passes of long rows, one chunk of whole channels at a time."""
-    ct = plan.dtype
+    At most TILE_ELEMENTS values each, cut from the shape alone.
+    """
     cg, s = plan.channels, plan.spatial
-    mean_c = mean.astype(ct)
-    per_chunk = max(1, TILE_ELEMENTS // s)  # channels per chunk
-    items = [(row, c0, min(c0 + per_chunk, cg)) for row in range(plan.rows) for c0 in range(0, cg, per_chunk)]
+    if s <= TILE_ELEMENTS:
+        k = TILE_ELEMENTS // s
+        return [(c, min(c + k, cg), 0, s) for c in range(0, cg, k)]
+    return [(c, c + 1, v, min(v + TILE_ELEMENTS, s)) for c in range(cg) for v in range(0, s, TILE_ELEMENTS)]
 
-    def chunk(item: tuple[int, int, int]) -> None:
-        row, c0, c1 = item
+
+def _chunk(a: Array, row: int, chunk: tuple[int, int, int, int], s: int, ct: np.dtype[Any]) -> Array:
+    """The ``(channels, values)`` view of a chunk of a row, in the compute dtype."""
+    c0, c1, s0, s1 = chunk
+    part = a[row, c0 * s + s0 : (c1 - 1) * s + s1].reshape(c1 - c0, s1 - s0)
+    return part if part.dtype == ct else part.astype(ct)
+
+
+def _long_items(plan: RowPlan) -> list[tuple[int, tuple[int, int, int, int]]]:
+    return [(row, ch) for row in range(plan.rows) for ch in _row_chunks(plan)]
+
+
+def _per_row_channel(parts: list[Array], items: list[Any], plan: RowPlan) -> Array:
+    """(R, Cg) float64 sums from per-chunk ``(channels,)`` partial sums, added in chunk order."""
+    out = np.zeros((plan.rows, plan.channels))
+    for (row, (c0, c1, _s0, _s1)), p in zip(items, parts, strict=True):
+        out[row, c0:c1] += p
+    return out
+
+
+def _long_forward(x2: Array, aff: _Affine, eps: float, y2: Array) -> tuple[Array, Array, Array]:
+    """Forward of long rows: a shift, then shifted sums, chunk by chunk; then the passes."""
+    plan = aff.plan
+    ct, s, m = plan.dtype, plan.spatial, plan.row_length
+    items = _long_items(plan)
+    ones = np.ones(min(TILE_ELEMENTS, s), ct)
+    work = plan.rows * m
+    shift = np.zeros(plan.rows, ct)
+    if plan.center:
+
+        def chunk_sum(item: tuple[int, Any]) -> Array:
+            with np.errstate(all="ignore"):
+                xt = _chunk(x2, item[0], item[1], s, ct)
+                return (xt @ ones[: xt.shape[1]]).astype(np.float64)
+
+        sums = _per_row_channel(_run(chunk_sum, items, work), items, plan).sum(axis=1)
+        shift = (sums / m).astype(ct)
+
+    def chunk_sums(item: tuple[int, Any]) -> tuple[Array, Array]:
         with np.errstate(all="ignore"):
-            xt = x2[row, c0 * s : c1 * s].reshape(c1 - c0, s)
-            yt = y2[row, c0 * s : c1 * s].reshape(c1 - c0, s)
-            xt = xt.astype(ct) if xt.dtype != ct else xt
+            xt = _chunk(x2, item[0], item[1], s, ct)
+            xc = xt - shift[item[0]] if plan.center else xt
+            return (xc @ ones[: xt.shape[1]]).astype(np.float64), np.vecdot(xc, xc).astype(np.float64)
+
+    parts = _run(chunk_sums, items, work)
+    d = _per_row_channel([p[0] for p in parts], items, plan).sum(axis=1)
+    ss = _per_row_channel([p[1] for p in parts], items, plan).sum(axis=1)
+    with np.errstate(all="ignore"):
+        if plan.center:
+            mean = d / m
+            var = np.maximum(ss - d * mean, 0.0) / m
+            mean += shift
+        else:
+            mean, var = np.zeros(plan.rows), ss / m
+        invstd = 1.0 / np.sqrt(var + eps)
+        for row in np.flatnonzero(~np.isfinite(d + ss)):
+            mean[row], var[row], invstd[row] = (v[0] for v in _float64_stats(x2[row : row + 1], eps, plan.center))
+    _long_apply(x2, aff, mean, invstd, y2)
+    return mean, var, invstd
+
+
+def _long_apply(x2: Array, aff: _Affine, mean: Array, invstd: Array, y2: Array) -> None:
+    """``y = (x - mean) * invstd * gamma + beta`` on long rows, chunk by chunk."""
+    plan = aff.plan
+    ct, s, g = plan.dtype, plan.spatial, plan.groups
+    mean_c = mean.astype(ct)
+    items = _long_items(plan)
+
+    def chunk(item: tuple[int, tuple[int, int, int, int]]) -> None:
+        row, (c0, c1, s0, s1) = item
+        with np.errstate(all="ignore"):
+            xt = _chunk(x2, row, item[1], s, ct)
+            yt = y2[row, c0 * s + s0 : (c1 - 1) * s + s1].reshape(xt.shape)
             work = yt if yt.dtype == ct else np.empty(xt.shape, ct)
-            if center:
+            if plan.center:
                 np.subtract(xt, mean_c[row], out=work)
-            else:
+            elif work is not xt:
                 np.copyto(work, xt)
-            gamma = aff.per_channel(aff.gamma, row, row + 1)
-            beta = aff.per_channel(aff.beta, row, row + 1)
-            coef = invstd[row] if gamma is None else invstd[row] * gamma[0, c0:c1].astype(np.float64)
-            np.multiply(work, np.asarray(coef, ct).reshape(-1, 1), out=work)
-            if beta is not None:
-                np.add(work, beta[0, c0:c1, None], out=work)
+            coef = np.full((c1 - c0, 1), invstd[row])
+            if aff.gamma is not None:
+                coef *= aff.gamma[row % g, c0:c1, None]
+            np.multiply(work, coef.astype(ct), out=work)
+            if aff.beta is not None:
+                np.add(work, aff.beta[row % g, c0:c1, None], out=work)
             if work is not yt:
                 np.copyto(yt, work)
 
@@ -733,84 +726,64 @@ def _long_apply(
 def _long_backward(
     g2: Array,
     x2: Array,
-    plan: RowPlan,
     aff: _Affine,
     mean: Array,
     invstd: Array,
     dx2: Array,
     stats_depend: bool,
-    center: bool,
     want_params: bool,
 ) -> tuple[Array, Array]:
-    """Backward of rows longer than LONG_ROW, chunk by chunk (whole channels per chunk)."""
-    ct = plan.dtype
-    cg, s, g = plan.channels, plan.spatial, plan.groups
-    m = plan.row_length
+    """Backward of long rows: per-channel sums chunk by chunk, then dx chunk by chunk."""
+    plan = aff.plan
+    ct, s, g, m = plan.dtype, plan.spatial, plan.groups, plan.row_length
     mean_c = mean.astype(ct)
-    per_chunk = max(1, TILE_ELEMENTS // s)
-    ones = np.ones(s, ct)
-    items = [(row, c0, min(c0 + per_chunk, cg)) for row in range(plan.rows) for c0 in range(0, cg, per_chunk)]
+    items = _long_items(plan)
+    ones = np.ones(min(TILE_ELEMENTS, s), ct)
+    work = plan.rows * m
 
-    def load(row: int, c0: int, c1: int) -> tuple[Array, Array]:
-        xt = x2[row, c0 * s : c1 * s].reshape(c1 - c0, s)
-        gt = g2[row, c0 * s : c1 * s].reshape(c1 - c0, s)
-        xt = xt.astype(ct) if xt.dtype != ct else xt
-        gt = gt.astype(ct) if gt.dtype != ct else gt
-        xc = xt - mean_c[row] if center else xt
-        return gt, xc
+    def centered(item: tuple[int, Any]) -> tuple[Array, Array]:
+        xt = _chunk(x2, item[0], item[1], s, ct)
+        return _chunk(g2, item[0], item[1], s, ct), (xt - mean_c[item[0]] if plan.center else xt)
 
-    def sums(item: tuple[int, int, int]) -> tuple[Array, Array]:
-        row, c0, c1 = item
+    def chunk_sums(item: tuple[int, Any]) -> tuple[Array, Array]:
         with np.errstate(all="ignore"):
-            gt, xc = load(row, c0, c1)
-            return (gt @ ones).astype(np.float64), np.vecdot(gt, xc).astype(np.float64)
+            gt, xc = centered(item)
+            return (gt @ ones[: gt.shape[1]]).astype(np.float64), np.vecdot(gt, xc).astype(np.float64)
 
-    parts = _run(sums, items, plan.rows * m)
-    sg = np.concatenate([p[0] for p in parts]).reshape(plan.rows, cg)  # per (row, channel)
-    sgx = np.concatenate([p[1] for p in parts]).reshape(plan.rows, cg)
-    gamma64 = None if aff.gamma is None else aff.gamma.astype(np.float64)
-    gam_rows = None if gamma64 is None else gamma64[np.arange(plan.rows) % g]  # (R, Cg)
-    a = (sg if gam_rows is None else sg * gam_rows).sum(axis=1)
-    b = (sgx if gam_rows is None else sgx * gam_rows).sum(axis=1)
+    parts = _run(chunk_sums, items, work)
+    sg = _per_row_channel([p[0] for p in parts], items, plan)  # (R, Cg): sum g
+    sgx = _per_row_channel([p[1] for p in parts], items, plan)  # (R, Cg): sum g * xc
+    gam = np.ones((plan.rows, plan.channels)) if aff.gamma is None else aff.gamma.astype(np.float64)[np.arange(plan.rows) % g]
     with np.errstate(all="ignore"):
-        k1 = -(invstd**3) * b / m
-        k2 = -invstd * a / m if center else np.zeros(plan.rows)
+        k1 = -(invstd**3) * (sgx * gam).sum(axis=1) / m
+        k2 = -invstd * (sg * gam).sum(axis=1) / m if plan.center else np.zeros(plan.rows)
+        coef_all = invstd[:, None] * gam  # (R, Cg)
 
-    def chunk(item: tuple[int, int, int]) -> None:
-        row, c0, c1 = item
+    def chunk(item: tuple[int, tuple[int, int, int, int]]) -> None:
+        row, (c0, c1, s0, s1) = item
         with np.errstate(all="ignore"):
-            gt, xc = load(row, c0, c1)
-            dt = dx2[row, c0 * s : c1 * s].reshape(c1 - c0, s)
-            work = dt if dt.dtype == ct else np.empty(gt.shape, ct)
-            coef = invstd[row] if gam_rows is None else invstd[row] * gam_rows[row, c0:c1]
-            np.multiply(gt, np.asarray(coef, ct).reshape(-1, 1), out=work)
+            gt, xc = centered(item)
+            dt = dx2[row, c0 * s + s0 : (c1 - 1) * s + s1].reshape(gt.shape)
+            out = dt if dt.dtype == ct else np.empty(gt.shape, ct)
+            np.multiply(gt, coef_all[row, c0:c1, None].astype(ct), out=out)
             if stats_depend:
-                xk = np.multiply(xc, ct.type(k1[row]))
-                work += xk
-                if center:
-                    work += ct.type(k2[row])
-            if work is not dt:
-                np.copyto(dt, work)
+                out += xc * ct.type(k1[row])
+                out += ct.type(k2[row])
+            if out is not dt:
+                np.copyto(dt, out)
 
-    _run(chunk, items, plan.rows * m)
-    size = g * cg
+    _run(chunk, items, work)
     if not want_params:
+        size = g * plan.channels
         return np.zeros(size), np.zeros(size)
     return _sum_over_groups(sgx * invstd[:, None], g), _sum_over_groups(sg, g)
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- scheduling
 
 
 def _run(fn: Callable[[Any], Any], items: list[Any], work_elements: int) -> list[Any]:
-    """One item on the caller (the small-input path: no pool), else the pool."""
+    """``[fn(item) for item in items]``: one item on the caller (no pool), else over the pool."""
     if len(items) == 1:
         return [fn(items[0])]
     return parallel_map(fn, items, work_elements)
-
-
-def _concat(parts: list[tuple[Array, Array, Array]]) -> tuple[Array, Array, Array]:
-    if len(parts) == 1:
-        return parts[0]
-    mean, var, invstd = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return mean, var, invstd
