@@ -8,6 +8,8 @@ running statistics: training and evaluation compute the same thing.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +58,7 @@ def check_num_groups(num_groups: Any) -> int:
 def grouped_problem(x: np.ndarray, num_groups: int) -> tuple[np.ndarray, RowPlan]:
     """``(N, C, *S)`` input as its ``(N * G, C / G * prod(S))`` rows, and their plan."""
     n, c = x.shape[0], x.shape[1]
-    spatial = int(np.prod(x.shape[2:], dtype=np.int64))
+    spatial = math.prod(x.shape[2:])
     return row_problem(x, n * num_groups, c // num_groups, spatial, num_groups)
 
 
@@ -96,7 +98,7 @@ def group_norm_forward(
     # PyTorch's check (F.group_norm -> _verify_batch_size on [N * C // G, G, *S]): one
     # value per group overall is refused; its message and list format are kept verbatim.
     size = [x.shape[0] * c // groups, groups, *x.shape[2:]]
-    if x.shape[0] * (c // groups) * int(np.prod(x.shape[2:], dtype=np.int64)) == 1:
+    if x.shape[0] * (c // groups) * math.prod(x.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     eps_f = check_eps(eps, training=False)
     w = check_channel_vector(weight, "weight", c, 1)

@@ -15,6 +15,8 @@ only scratch space.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,8 +129,8 @@ def layer_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = _check_affine(weight, "weight", shape)
     b = _check_affine(bias, "bias", shape)
-    rows = int(np.prod(arr.shape[: arr.ndim - k], dtype=np.int64))
-    m = int(np.prod(shape, dtype=np.int64))
+    rows = math.prod(arr.shape[: arr.ndim - k])
+    m = math.prod(shape)
     x2, plan = row_problem(arr, rows, m, 1, 1)
     y = np.empty(arr.shape, dtype=arr.dtype)
     gamma = None if w is None else w.astype(plan.dtype).ravel()
@@ -248,7 +250,7 @@ def layer_norm_backward(
     """
     x, g, dx = start_backward(grad_output, ctx, LayerNormContext, "layer_norm_forward")
     rows = ctx.mean.shape[0]
-    m = int(np.prod(ctx.normalized_shape, dtype=np.int64))
+    m = math.prod(ctx.normalized_shape)
     x2, plan = row_problem(x, rows, m, 1, 1)
     g2 = as_rows(g, rows)
     dgamma, dbeta = row_backward(

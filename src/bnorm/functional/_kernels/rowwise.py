@@ -91,6 +91,7 @@ Numerics
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,7 @@ from .pool import parallel_map
 __all__ = [
     "BACKWARD_TILE_ELEMENTS",
     "CHANNEL_FORM_MIN",
+    "DIRECT_MAX_ELEMENTS",
     "LONG_ROW_TILES",
     "RECENTER_TOL",
     "TILE_ELEMENTS",
@@ -127,6 +129,11 @@ TILE_ELEMENTS = 1 << 17
 #: Measured as above: (8, 128, 768) 1.80 / 1.81 / 2.13 ms for 64 / 128 / 256
 #: Ki values, group norm 1.06 / 1.03 / 1.11 ms.
 BACKWARD_TILE_ELEMENTS = 1 << 16
+
+#: Inputs of at most this many values (64 KiB of float32) take the direct
+#: path: the textbook formulas in float64 on the calling thread, the fewest
+#: NumPy calls, because calls, not bandwidth, set the time there.
+DIRECT_MAX_ELEMENTS = 1 << 14
 
 #: Shortest S for the channel form.  Below it NumPy's loops with a stride-0
 #: operand run on inner loops too short to pay for their setup.
@@ -189,12 +196,15 @@ def _tile_elements(backward: bool) -> int:
     return BACKWARD_TILE_ELEMENTS if backward else TILE_ELEMENTS
 
 
+@functools.lru_cache(maxsize=256)
 def make_plan(
     rows: int, channels: int, spatial: int, groups: int, dtype: Any, *, center: bool = True
 ) -> RowPlan:
-    """The :class:`RowPlan` of an ``(R, Cg * S)`` problem in compute dtype `dtype`."""
+    """The :class:`RowPlan` of an ``(R, Cg * S)`` problem in compute dtype `dtype` (cached)."""
     m = channels * spatial
-    channel_form = spatial >= CHANNEL_FORM_MIN
+    # Small group norm takes the channel form too: the element form's gamma
+    # pattern costs more calls than its faster loops save there.
+    channel_form = spatial >= CHANNEL_FORM_MIN or (groups > 1 and rows * m <= DIRECT_MAX_ELEMENTS)
 
     def rows_per_tile(elements: int) -> int:
         t = max(1, elements // max(m, 1))
@@ -303,12 +313,26 @@ def _tile_stats(xt: Array, work: Array, ones: Array, eps: float, center: bool) -
 
 def _float64_stats(xt: Array, eps: float, center: bool) -> tuple[Array, Array, Array]:
     """Two-pass float64 statistics of the rows of `xt` (the fallback for non-finite sums)."""
+    mean, var, invstd, _ = _float64_centered(xt, eps, center)
+    return mean, var, invstd
+
+
+def _float64_centered(xt: Array, eps: float, center: bool) -> tuple[Array, Array, Array, Array]:
+    """Two-pass float64 ``(mean, var, invstd)`` of the rows of `xt`, and ``xt - mean`` in float64."""
     x64 = xt.astype(np.float64)
-    mean = x64.mean(axis=1) if center else np.zeros(xt.shape[0])
+    m = xt.shape[1]
     if center:
+        mean = np.add.reduce(x64, axis=1)
+        mean /= m
         x64 -= mean[:, None]
-    var = np.vecdot(x64, x64) / xt.shape[1]
-    return mean, var, 1.0 / np.sqrt(var + eps)
+    else:
+        mean = np.zeros(xt.shape[0])
+    var = np.vecdot(x64, x64)
+    var /= m
+    invstd = var + eps
+    np.sqrt(invstd, out=invstd)
+    np.divide(1.0, invstd, out=invstd)
+    return mean, var, invstd, x64
 
 
 #: How far (in output units, i.e. multiplied by invstd) the BLAS shift may lie
@@ -397,6 +421,9 @@ def row_forward(
     if r == 0 or m == 0:
         with np.errstate(divide="ignore"):
             return np.zeros(r), np.zeros(r), np.full(r, 1.0 / np.sqrt(eps))
+    if r * m <= DIRECT_MAX_ELEMENTS:
+        with np.errstate(all="ignore"):
+            return _direct_forward(x2, y2, plan, gamma, beta, eps)
     aff = _Affine(plan, gamma, beta)
     if plan.long_rows():
         return _long_forward(x2, aff, eps, y2)
@@ -443,6 +470,78 @@ def row_apply(
                 np.copyto(yt, work)
 
     _run(tile, plan.tiles(), plan.rows * plan.row_length)
+
+
+# --------------------------------------------------------------------------- direct (small inputs)
+
+
+def _rows_of_channels(p: Array | None, plan: RowPlan, t: int) -> Array | None:
+    """G * Cg parameter values as float64 of shape (t or 1, Cg, 1): each row's group's values."""
+    if p is None:
+        return None
+    p64 = np.asarray(p, dtype=np.float64).reshape(plan.groups, plan.channels)
+    if plan.groups > 1:
+        p64 = p64[np.arange(t) % plan.groups]
+    return p64[:, :, None]
+
+
+def _direct_forward(
+    x2: Array, y2: Array, plan: RowPlan, gamma: Array | None, beta: Array | None, eps: float
+) -> tuple[Array, Array, Array]:
+    """The whole (small) input in float64: two-pass statistics, then the affine; cast once."""
+    t = x2.shape[0]
+    mean, var, invstd, xc = _float64_centered(x2, eps, plan.center)
+    xc *= invstd[:, None]
+    x3 = xc.reshape(t, plan.channels, plan.spatial)
+    if gamma is not None:
+        x3 *= _rows_of_channels(gamma, plan, t)
+    if beta is not None:
+        x3 += _rows_of_channels(beta, plan, t)
+    np.copyto(y2, xc, casting="same_kind")
+    return mean, var, invstd
+
+
+def _direct_backward(
+    g2: Array,
+    x2: Array,
+    dx2: Array,
+    plan: RowPlan,
+    mean: Array,
+    invstd: Array,
+    gamma: Array | None,
+    stats_depend: bool,
+    want_params: bool,
+) -> tuple[Array, Array]:
+    """Backward of a small input in float64 (the module docstring's formula, written out)."""
+    t, m = x2.shape
+    cg, s, groups = plan.channels, plan.spatial, plan.groups
+    x_hat = x2.astype(np.float64)
+    if plan.center:
+        x_hat -= mean[:, None]
+    x_hat *= invstd[:, None]
+    g_hat = g2.astype(np.float64)
+    if want_params:
+        gx = (g_hat * x_hat).reshape(t, cg, s)
+        g3 = g_hat.reshape(t, cg, s)
+        dgamma = _sum_over_groups(gx.sum(axis=2) if s > 1 else gx[:, :, 0], groups)
+        dbeta = _sum_over_groups(g3.sum(axis=2) if s > 1 else g3[:, :, 0], groups)
+    else:
+        dgamma = dbeta = np.zeros(groups * cg)
+    if gamma is not None:
+        g3 = g_hat.reshape(t, cg, s)
+        g3 *= _rows_of_channels(gamma, plan, t)
+    if stats_depend:
+        b = np.vecdot(g_hat, x_hat)
+        b /= m
+        if plan.center:
+            a = np.add.reduce(g_hat, axis=1)
+            a /= m
+            g_hat -= a[:, None]
+        x_hat *= b[:, None]
+        g_hat -= x_hat
+    g_hat *= invstd[:, None]
+    np.copyto(dx2, g_hat, casting="same_kind")
+    return dgamma, dbeta
 
 
 # --------------------------------------------------------------------------- backward
@@ -595,6 +694,9 @@ def row_backward(
     size = plan.groups * plan.channels
     if r == 0 or m == 0:
         return np.zeros(size), np.zeros(size)
+    if r * m <= DIRECT_MAX_ELEMENTS:
+        with np.errstate(all="ignore"):
+            return _direct_backward(g2, x2, dx2, plan, mean, invstd, gamma, stats_depend, want_params)
     aff = _Affine(plan, gamma, None)
     if plan.long_rows(backward=True):
         return _long_backward(g2, x2, aff, mean, invstd, dx2, stats_depend, want_params)
