@@ -23,6 +23,7 @@ from .layers import (
     InstanceNorm3d,
     LayerNorm,
     Module,
+    RMSNorm,
     SyncBatchNorm,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "BatchNorm3d",
     "SyncBatchNorm",
     "LayerNorm",
+    "RMSNorm",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",

@@ -33,6 +33,8 @@ __all__ = [
     "layer_norm_backward",
     "LayerNormContext",
     "check_normalized_shape",
+    "check_trailing_shape",
+    "check_elementwise",
 ]
 
 
@@ -85,7 +87,18 @@ def check_normalized_shape(normalized_shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in items)
 
 
-def _check_affine(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+def check_trailing_shape(x: np.ndarray, shape: tuple[int, ...]) -> None:
+    """`x` must end with `shape` (layer norm's and RMSNorm's normalized_shape)."""
+    k = len(shape)
+    if x.ndim < k or x.shape[x.ndim - k :] != shape:
+        raise ValueError(
+            f"x must end with normalized_shape={shape}: expected input of shape (*, "
+            f"{', '.join(map(str, shape))}), got {x.shape}"
+        )
+
+
+def check_elementwise(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An elementwise parameter of shape `shape` (layer norm's and RMSNorm's weight and bias)."""
     if value is None:
         return None
     arr = np.asarray(value)
@@ -120,16 +133,11 @@ def layer_norm_forward(
     """
     arr = as_float_input(x, "x")
     shape = check_normalized_shape(normalized_shape)
-    k = len(shape)
-    if arr.ndim < k or arr.shape[arr.ndim - k :] != shape:
-        raise ValueError(
-            f"x must end with normalized_shape={shape}: expected input of shape (*, "
-            f"{', '.join(map(str, shape))}), got {arr.shape}"
-        )
+    check_trailing_shape(arr, shape)
     eps_f = check_eps(eps, training=False)
-    w = _check_affine(weight, "weight", shape)
-    b = _check_affine(bias, "bias", shape)
-    rows = math.prod(arr.shape[: arr.ndim - k])
+    w = check_elementwise(weight, "weight", shape)
+    b = check_elementwise(bias, "bias", shape)
+    rows = math.prod(arr.shape[: arr.ndim - len(shape)])
     m = math.prod(shape)
     x2, plan = row_problem(arr, rows, m, 1, 1)
     y = np.empty(arr.shape, dtype=arr.dtype)
