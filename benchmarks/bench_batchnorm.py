@@ -49,11 +49,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import naive
 
 import bnorm
-from bnorm.functional import (
-    _moments,
-    batch_norm_backward,
-    batch_norm_forward,
-)
+from bnorm.functional import batch_norm_backward, batch_norm_forward
+from bnorm.functional._kernels import pool
 
 SHAPES = [(4096, 1024), (64, 128, 1024), (32, 64, 56, 56), (128, 512, 7, 7), (8, 32, 16, 32, 32)]
 OPS = ["train", "eval", "backward"]
@@ -246,7 +243,7 @@ def _machine(torch: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "bnorm": getattr(bnorm, "__version__", "?"),
-        "bnorm_threads": _moments.num_threads(),
+        "bnorm_threads": pool.num_threads(),
         "torch": None if torch is None else torch.__version__,
         "torch_threads": None if torch is None else torch.get_num_threads(),
     }
@@ -297,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch = _torch()
     if args.threads:
-        _moments.set_num_threads(args.threads)
+        pool.set_num_threads(args.threads)
         if torch is not None:
             torch.set_num_threads(args.threads)
     shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shape] if args.shape else SHAPES

@@ -55,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_batchnorm import SHAPES, _geomean, _settle, _torch
 
 import bnorm
-from bnorm.functional._moments import _elementwise, _Step, backward_pass, backward_sums, channel_view
+from bnorm.functional._kernels.channel import _elementwise, _Step, backward_pass
+from bnorm.functional._kernels.moments import backward_sums, channel_view
 
 
 class Half:

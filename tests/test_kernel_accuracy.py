@@ -1,4 +1,4 @@
-"""The fast kernels of bnorm.functional._moments against float64 references.
+"""The fast kernels of bnorm.functional._kernels.moments against float64 references.
 
 Every shared kernel (channel_moments, backward_sums, affine_pass, backward_pass)
 on many ``(A, K, B)`` views -- batch-norm channels-first and channels-last,
@@ -14,8 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from bnorm.functional import _moments as M
 from bnorm.functional import batch_norm_backward, batch_norm_forward
+from bnorm.functional._kernels import channel as C
+from bnorm.functional._kernels import moments as Mo
+from bnorm.functional._kernels import pool as P
 
 # (A, K, B): channels-first, channels-last (B = 1), layer norm (A = 1), K = 1, odd,
 # short rows (B = 49), long rows split for the dot products (B = 16384).
@@ -40,13 +42,13 @@ OFFSET = {np.float16: 1e2, np.float32: 1e4, np.float64: 1e4}
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    old = M.num_threads()
-    min_size = M.PARALLEL_MIN_ELEMENTS
-    M.set_num_threads(request.param)
-    M.PARALLEL_MIN_ELEMENTS = 0  # thread even the small test arrays
+    old = P.num_threads()
+    min_size = P.PARALLEL_MIN_ELEMENTS
+    P.set_num_threads(request.param)
+    P.PARALLEL_MIN_ELEMENTS = 0  # thread even the small test arrays
     yield request.param
-    M.PARALLEL_MIN_ELEMENTS = min_size
-    M.set_num_threads(old)
+    P.PARALLEL_MIN_ELEMENTS = min_size
+    P.set_num_threads(old)
 
 
 def _data(shape3, dtype, offset, seed=0):
@@ -71,7 +73,7 @@ def _ref_moments(x3):
 @pytest.mark.parametrize("accumulate", ["float64", "compute"])
 def test_channel_moments_match_float64(shape3, dtype, offset, accumulate, threads):
     x3 = _data(shape3, dtype, offset * OFFSET[dtype])
-    got = M.channel_moments(x3, accumulate=accumulate)
+    got = Mo.channel_moments(x3, accumulate=accumulate)
     mean, m2 = _ref_moments(x3)
     assert got.count == shape3[0] * shape3[2]
     assert got.mean.dtype == np.float64 and got.m2.dtype == np.float64
@@ -87,7 +89,7 @@ def test_channel_moments_match_float64(shape3, dtype, offset, accumulate, thread
 def test_moments_large_count_offset_float32(threads):
     """4M values per channel at 1e4 (BLAS accumulation over large counts)."""
     x3 = (np.random.default_rng(1).standard_normal((64, 2, 1 << 15)) + 1e4).astype(np.float32)
-    got = M.channel_moments(x3, accumulate="compute")
+    got = Mo.channel_moments(x3, accumulate="compute")
     mean, m2 = _ref_moments(x3)
     np.testing.assert_allclose(got.mean, mean, rtol=1e-12)
     np.testing.assert_allclose(got.m2, m2, rtol=2e-6)
@@ -95,7 +97,7 @@ def test_moments_large_count_offset_float32(threads):
 
 def test_moments_channels_last_large_count_offset(threads):
     x3 = (np.random.default_rng(2).standard_normal((1 << 18, 8, 1)) * 0.1 - 1e4).astype(np.float32)
-    got = M.channel_moments(x3, accumulate="compute")
+    got = Mo.channel_moments(x3, accumulate="compute")
     mean, m2 = _ref_moments(x3)
     np.testing.assert_allclose(got.mean, mean, rtol=1e-12)
     np.testing.assert_allclose(got.m2, m2, rtol=2e-6)
@@ -105,7 +107,7 @@ def test_moments_one_sided_large_mean_uses_shift():
     """mean**2 >> var (a nearly constant, offset channel): one-pass sums would cancel."""
     x3 = np.full((8, 3, 500), 12345.678, dtype=np.float32)
     x3[:, :, ::2] += np.float32(0.001)
-    got = M.channel_moments(x3)
+    got = Mo.channel_moments(x3)
     mean, m2 = _ref_moments(x3)
     np.testing.assert_allclose(got.m2, m2, rtol=1e-5)
     np.testing.assert_allclose(got.mean, mean, rtol=1e-12)
@@ -113,7 +115,7 @@ def test_moments_one_sided_large_mean_uses_shift():
 
 def test_moments_constant_channel_is_exactly_zero_variance():
     x3 = np.full((16, 2, 300), 1e4, dtype=np.float32)
-    got = M.channel_moments(x3)
+    got = Mo.channel_moments(x3)
     np.testing.assert_array_equal(got.m2, 0.0)
     np.testing.assert_array_equal(got.mean, 1e4)
 
@@ -121,7 +123,7 @@ def test_moments_constant_channel_is_exactly_zero_variance():
 def test_moments_float32_overflow_of_squares_falls_back_to_float64():
     rng = np.random.default_rng(3)
     x3 = (rng.standard_normal((10, 2, 200)) * 1e25).astype(np.float32)  # x**2 overflows float32
-    got = M.channel_moments(x3)
+    got = Mo.channel_moments(x3)
     mean, m2 = _ref_moments(x3)
     assert np.isfinite(got.m2).all()
     np.testing.assert_allclose(got.m2, m2, rtol=1e-12)
@@ -132,8 +134,8 @@ def test_moments_float32_overflow_of_squares_falls_back_to_float64():
 def test_moments_nonfinite_as_float64_two_pass(bad):
     x3 = _data((4, 3, 50), np.float32, 0.0)
     x3[1, 1, 7] = bad
-    got = M.channel_moments(x3)
-    ref = M._exact_moments(x3)
+    got = Mo.channel_moments(x3)
+    ref = Mo._exact_moments(x3)
     np.testing.assert_array_equal(got.mean, ref.mean)
     np.testing.assert_array_equal(got.m2, ref.m2)
     assert np.isfinite(got.mean[[0, 2]]).all() and np.isfinite(got.m2[[0, 2]]).all()
@@ -143,7 +145,7 @@ def test_moments_nonfinite_as_float64_two_pass(bad):
 def test_moments_of_non_contiguous_view():
     base = _data((6, 4, 40), np.float32, 5.0)
     x3 = base[::2, ::-1, 3:30]
-    got = M.channel_moments(x3)
+    got = Mo.channel_moments(x3)
     mean, m2 = _ref_moments(x3)
     np.testing.assert_allclose(got.mean, mean, rtol=1e-6)
     np.testing.assert_allclose(got.m2, m2, rtol=1e-5)
@@ -151,14 +153,14 @@ def test_moments_of_non_contiguous_view():
 
 def test_moments_do_not_depend_on_thread_count():
     x3 = _data((64, 8, 700), np.float32, 3.0)
-    old = M.num_threads()
+    old = P.num_threads()
     try:
-        M.set_num_threads(1)
-        one = M.channel_moments(x3)
-        M.set_num_threads(2)
-        two = M.channel_moments(x3)
+        P.set_num_threads(1)
+        one = Mo.channel_moments(x3)
+        P.set_num_threads(2)
+        two = Mo.channel_moments(x3)
     finally:
-        M.set_num_threads(old)
+        P.set_num_threads(old)
     np.testing.assert_array_equal(one.mean, two.mean)
     np.testing.assert_array_equal(one.m2, two.m2)
 
@@ -180,18 +182,18 @@ def test_whole_sums_match_float64_and_ignore_thread_count(path, dtype):
     shape3 = WHOLE_SUM_SHAPES[path]
     x3 = _data(shape3, dtype, 0.5)
     g3 = _data(shape3, dtype, 0.0, seed=1)
-    old, old_min = M.num_threads(), M.PARALLEL_MIN_ELEMENTS
-    M.PARALLEL_MIN_ELEMENTS = 0  # thread even the small test arrays
+    old, old_min = P.num_threads(), P.PARALLEL_MIN_ELEMENTS
+    P.PARALLEL_MIN_ELEMENTS = 0  # thread even the small test arrays
     try:
         results = []
         for n in (1, 2, 3):
-            M.set_num_threads(n)
-            got = M._whole_sums(x3, None, x3.dtype), M._whole_sums(x3, g3, x3.dtype)
+            P.set_num_threads(n)
+            got = C._whole_sums(x3, None, x3.dtype), C._whole_sums(x3, g3, x3.dtype)
             assert got[0] is not None and got[1] is not None
             results.append(got)
     finally:
-        M.set_num_threads(old)
-        M.PARALLEL_MIN_ELEMENTS = old_min
+        P.set_num_threads(old)
+        P.PARALLEL_MIN_ELEMENTS = old_min
     for other in results[1:]:
         for (a1, a2), (b1, b2) in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a1, b1)
@@ -218,7 +220,7 @@ def test_backward_sums_match_float64(shape3, dtype, offset, with_invstd, accumul
     g3 = _data(shape3, dtype, 0.5, seed=9)
     mean, m2 = _ref_moments(x3)
     invstd = 1 / np.sqrt(m2 / (shape3[0] * shape3[2]) + 1e-5)
-    sum_g, sum_gx = M.backward_sums(g3, x3, mean, invstd if with_invstd else None, accumulate=accumulate)
+    sum_g, sum_gx = Mo.backward_sums(g3, x3, mean, invstd if with_invstd else None, accumulate=accumulate)
     g, d = g3.astype(np.float64), x3.astype(np.float64) - mean[None, :, None]
     ref_g, ref_gx = g.sum(axis=(0, 2)), (g * d).sum(axis=(0, 2))
     # Errors relative to the scale of the terms: sqrt(sum g^2 * sum d^2).
@@ -233,7 +235,7 @@ def test_backward_sums_mixed_dtypes_compute_in_wider():
     x3 = _data((8, 3, 300), np.float32, 10.0)
     g3 = _data((8, 3, 300), np.float64, 0.0, seed=4)
     mean, _ = _ref_moments(x3)
-    sum_g, sum_gx = M.backward_sums(g3, x3, mean, np.ones(3))
+    sum_g, sum_gx = Mo.backward_sums(g3, x3, mean, np.ones(3))
     d = x3.astype(np.float64) - mean[None, :, None]
     np.testing.assert_allclose(sum_g, g3.sum(axis=(0, 2)), rtol=1e-12)
     np.testing.assert_allclose(sum_gx, (g3 * d).sum(axis=(0, 2)), rtol=1e-11)
@@ -257,7 +259,7 @@ def test_affine_pass_matches_float64(shape3, dtype, mode, threads):
     out3 = np.empty_like(x3)
     center = None if mode == "plain" else mean
     spread = std if mode == "center+spread" else None
-    M.affine_pass(x3, scale, shift, out3, center, spread=spread)
+    C.affine_pass(x3, scale, shift, out3, center, spread=spread)
     c = 0.0 if center is None else center[None, :, None]
     ref = (x3.astype(np.float64) - c) * scale[None, :, None] + shift[None, :, None]
     assert out3.dtype == dtype
@@ -271,15 +273,15 @@ def test_affine_pass_centering_beats_folding_on_constant_offset_channel():
     x3 = np.full((8, 2, 400), 1e4, dtype=np.float32)
     out3 = np.empty_like(x3)
     invstd = np.full(2, 1 / np.sqrt(1e-5))
-    M.affine_pass(x3, invstd, np.zeros(2), out3, np.full(2, 1e4), spread=1 / invstd)
+    C.affine_pass(x3, invstd, np.zeros(2), out3, np.full(2, 1e4), spread=1 / invstd)
     np.testing.assert_array_equal(out3, 0.0)
 
 
 def test_affine_pass_in_place():
     x3 = _data((40, 6, 300), np.float32, 2.0)
     expect = np.empty_like(x3)
-    M.affine_pass(x3, np.full(6, 3.0), np.ones(6), expect, np.full(6, 2.0))
-    M.affine_pass(x3, np.full(6, 3.0), np.ones(6), x3, np.full(6, 2.0))
+    C.affine_pass(x3, np.full(6, 3.0), np.ones(6), expect, np.full(6, 2.0))
+    C.affine_pass(x3, np.full(6, 3.0), np.ones(6), x3, np.full(6, 2.0))
     np.testing.assert_array_equal(x3, expect)
 
 
@@ -298,7 +300,7 @@ def test_backward_pass_matches_float64(shape3, dtype, mode, threads):
     mean, _ = _ref_moments(x3)
     c = None if mode == "a-only" else -b * mean + rng.uniform(-0.1, 0.1, k)
     out3 = np.empty_like(x3)
-    M.backward_pass(g3, x3, a, b, c, out3, center=mean if mode == "center" else None)
+    C.backward_pass(g3, x3, a, b, c, out3, center=mean if mode == "center" else None)
     g, x = g3.astype(np.float64), x3.astype(np.float64)
     ref = g * a[None, :, None]
     if b is not None:
@@ -312,8 +314,8 @@ def test_backward_pass_over_its_gradient_input():
     g3 = _data((40, 6, 300), np.float32, 0.0, seed=2)
     args = (np.full(6, 2.0), np.full(6, -0.5), np.full(6, 0.25))
     expect = np.empty_like(g3)
-    M.backward_pass(g3, x3, *args, expect)
-    M.backward_pass(g3, x3, *args, g3)
+    C.backward_pass(g3, x3, *args, expect)
+    C.backward_pass(g3, x3, *args, g3)
     np.testing.assert_array_equal(g3, expect)
 
 
@@ -387,7 +389,7 @@ def test_out_in_training_loop_reuses_buffers():
 
 def test_set_num_threads_rejects_bad_values():
     with pytest.raises(ValueError, match="n must be an int >= 1"):
-        M.set_num_threads(0)
+        P.set_num_threads(0)
 
 
 def test_kernels_work_in_a_forked_child():
@@ -396,23 +398,23 @@ def test_kernels_work_in_a_forked_child():
 
     if "fork" not in mp.get_all_start_methods():
         pytest.skip("no fork on this platform")
-    old_min, old_n = M.PARALLEL_MIN_ELEMENTS, M.num_threads()
-    M.PARALLEL_MIN_ELEMENTS = 0
-    M.set_num_threads(2)
+    old_min, old_n = P.PARALLEL_MIN_ELEMENTS, P.num_threads()
+    P.PARALLEL_MIN_ELEMENTS = 0
+    P.set_num_threads(2)
     try:
         x3 = _data((64, 4, 300), np.float32, 1.0)
-        M.channel_moments(x3)  # starts the pool in the parent
+        Mo.channel_moments(x3)  # starts the pool in the parent
         ctx = mp.get_context("fork")
         with ctx.Pool(1) as pool:
             m2 = pool.apply_async(_child_m2, (x3,)).get(timeout=60)
-        np.testing.assert_array_equal(m2, M.channel_moments(x3).m2)
+        np.testing.assert_array_equal(m2, Mo.channel_moments(x3).m2)
     finally:
-        M.PARALLEL_MIN_ELEMENTS = old_min
-        M.set_num_threads(old_n)
+        P.PARALLEL_MIN_ELEMENTS = old_min
+        P.set_num_threads(old_n)
 
 
 def _child_m2(x3):
-    return M.channel_moments(x3).m2  # threaded: the parent's settings are inherited
+    return Mo.channel_moments(x3).m2  # threaded: the parent's settings are inherited
 
 
 def test_eval_with_zero_variance_and_zero_eps_as_the_formula():
@@ -427,23 +429,23 @@ def test_eval_with_zero_variance_and_zero_eps_as_the_formula():
 def test_float32_moments_to_float64_rounding_by_default():
     """The default accumulation keeps the moments of float32 data to float64 rounding."""
     x = (np.random.default_rng(2).random((4000, 3, 8)) * 255).astype(np.float32) + np.float32(1e4)
-    got = M.channel_moments(x)
+    got = Mo.channel_moments(x)
     mean, m2 = _ref_moments(x)
     np.testing.assert_allclose(got.mean, mean, rtol=1e-14)
     np.testing.assert_allclose(got.m2, m2, rtol=1e-12)
-    fast = M.channel_moments(x, accumulate="compute")
+    fast = Mo.channel_moments(x, accumulate="compute")
     assert not np.allclose(fast.m2, m2, rtol=1e-12, atol=0)  # the fast path is float32-accurate only
 
 
 def test_accumulate_rejects_unknown_values():
     x3 = np.ones((2, 2, 2))
     with pytest.raises(ValueError, match="accumulate must be 'float64' or 'compute', got 'float32'"):
-        M.channel_moments(x3, accumulate="float32")
+        Mo.channel_moments(x3, accumulate="float32")
     with pytest.raises(ValueError, match="accumulate must be 'float64' or 'compute', got 'x'"):
-        M.backward_sums(x3, x3, np.zeros(2), accumulate="x")
+        Mo.backward_sums(x3, x3, np.zeros(2), accumulate="x")
 
 
-# One shape per tiling form of the elementwise passes (see _moments._elementwise).
+# One shape per tiling form of the elementwise passes (see _kernels.channel._elementwise).
 FORM_SHAPES = {
     "scalar": (12, 5, 3 * 1024),  # rows >= SCALAR_ROW_MIN: one channel at a time
     "scalar-split-rows": (2, 3, (1 << 17) + 5),  # a row longer than a tile
@@ -465,8 +467,8 @@ def test_elementwise_passes_every_tiling_form(form, dtype, n_threads):
     Random coefficients, a zero in ``a`` (the unfactored backward), a center
     (offset data), and the in-place contracts (out over x, out over g).
     """
-    old = M.num_threads()
-    M.set_num_threads(n_threads)
+    old = P.num_threads()
+    P.set_num_threads(n_threads)
     try:
         rng = np.random.default_rng(hash(form) % 2**32)
         shape3 = FORM_SHAPES[form]
@@ -476,7 +478,7 @@ def test_elementwise_passes_every_tiling_form(form, dtype, n_threads):
         if form == "columns":
             x3 = np.asfortranarray(x3)
             g3 = np.asfortranarray(g3)
-        layout = M._pass_layout(shape3, x3.flags.c_contiguous, 3, M.PASS_TILE)[0]
+        layout = C._pass_layout(shape3, x3.flags.c_contiguous, 3, C.PASS_TILE)[0]
         assert layout == form.split("-")[0]
         xf, gf = x3.astype(np.float64), g3.astype(np.float64)
         s, t, ctr = rng.uniform(0.5, 2, k), rng.uniform(-1, 1, k), rng.uniform(2, 4, k)
@@ -488,27 +490,27 @@ def test_elementwise_passes_every_tiling_form(form, dtype, n_threads):
             np.testing.assert_allclose(got.astype(np.float64), want, rtol=tol, atol=tol * scale_)
 
         out3 = np.empty_like(x3)
-        M.affine_pass(x3, s, t, out3)
+        C.affine_pass(x3, s, t, out3)
         check(out3, xf * s[col] + t[col], 10)
-        M.affine_pass(x3, s, t, out3, center=ctr)
+        C.affine_pass(x3, s, t, out3, center=ctr)
         check(out3, (xf - ctr[col]) * s[col] + t[col], 10)
         inplace = x3.copy(order="K")
-        M.affine_pass(inplace, s, t, inplace, center=ctr)
+        C.affine_pass(inplace, s, t, inplace, center=ctr)
         np.testing.assert_array_equal(inplace, out3)
 
         ref = gf * a[col] + xf * b[col] + c[col]
-        M.backward_pass(g3, x3, a, b, c, out3)
+        C.backward_pass(g3, x3, a, b, c, out3)
         check(out3, ref, 10)
-        M.backward_pass(g3, x3, a, b, c, out3, center=ctr)
+        C.backward_pass(g3, x3, a, b, c, out3, center=ctr)
         check(out3, ref, 10)
         over_g = g3.copy(order="K")
-        M.backward_pass(over_g, x3, a, b, c, over_g, center=ctr)
+        C.backward_pass(over_g, x3, a, b, c, over_g, center=ctr)
         np.testing.assert_array_equal(over_g, out3)
         a0 = a.copy()
         a0[0] = 0.0  # not factorable: g * a is added from a temporary
-        M.backward_pass(g3, x3, a0, b, c, out3)
+        C.backward_pass(g3, x3, a0, b, c, out3)
         check(out3, gf * a0[col] + xf * b[col] + c[col], 10)
-        M.backward_pass(g3, x3, a, None, None, out3)
+        C.backward_pass(g3, x3, a, None, None, out3)
         check(out3, gf * a[col], 1)
     finally:
-        M.set_num_threads(old)
+        P.set_num_threads(old)

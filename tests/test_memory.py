@@ -14,15 +14,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bnorm.functional import _moments as M
 from bnorm.functional import batch_norm_backward, batch_norm_forward
+from bnorm.functional._kernels import buffers
+from bnorm.functional._kernels import channel as C
+from bnorm.functional._kernels import moments as Mo
+from bnorm.functional._kernels import pool as P
 
 SHAPE = (32, 64, 56, 56)
 BOUND = 1.1
 
 
 def peak_extra(f: Callable[[], Any]) -> int:
-    """Peak bytes allocated during ``f()`` above what was allocated before, result included."""
+    """Peak bytes allocated during ``f()`` above what was allocated before, result included.
+
+    The output cache is emptied first, so the result is a fresh allocation (a
+    recycled one would not be counted).
+    """
+    buffers.clear()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -37,10 +45,10 @@ def peak_extra(f: Callable[[], Any]) -> int:
 
 @pytest.fixture(params=[1, 2, 8], ids=lambda n: f"{n}threads")
 def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    old = M.num_threads()
-    M.set_num_threads(request.param)
+    old = P.num_threads()
+    P.set_num_threads(request.param)
     yield request.param
-    M.set_num_threads(old)
+    P.set_num_threads(old)
 
 
 @pytest.fixture(scope="module", params=[0.0, 1e4], ids=["centered", "offset1e4"])
@@ -113,7 +121,27 @@ def test_layer_norm_like_long_rows_stay_tiled(offset, threads):
     x3 = (np.random.default_rng(1).standard_normal((1, 4, 1 << 21)) + offset).astype(np.float32)
     out3 = np.empty_like(x3)
     ones, zeros = np.ones(4), np.zeros(4)
-    assert peak_extra(lambda: M.channel_moments(x3)) <= 0.1 * x3.nbytes
-    assert peak_extra(lambda: M.affine_pass(x3, ones, zeros, out3, np.full(4, offset))) <= 0.1 * x3.nbytes
-    assert peak_extra(lambda: M.backward_sums(x3, x3, np.full(4, offset))) <= 0.1 * x3.nbytes
-    assert peak_extra(lambda: M.backward_pass(x3, x3, ones, ones, zeros, out3)) <= 0.1 * x3.nbytes
+    assert peak_extra(lambda: Mo.channel_moments(x3)) <= 0.1 * x3.nbytes
+    assert peak_extra(lambda: C.affine_pass(x3, ones, zeros, out3, np.full(4, offset))) <= 0.1 * x3.nbytes
+    assert peak_extra(lambda: Mo.backward_sums(x3, x3, np.full(4, offset))) <= 0.1 * x3.nbytes
+    assert peak_extra(lambda: C.backward_pass(x3, x3, ones, ones, zeros, out3)) <= 0.1 * x3.nbytes
+
+
+def test_large_outputs_reuse_dropped_memory():
+    """A dropped output's memory serves the next output of that size; a live one is never reused."""
+    x, g = np.ones(SHAPE, np.float32), np.ones(SHAPE, np.float32)
+    buffers.clear()
+    y1, ctx = batch_norm_forward(x, None, None, training=True)
+    address = y1.__array_interface__["data"][0]
+    y2, _ = batch_norm_forward(x, None, None, training=True)
+    assert not np.shares_memory(y1, y2)  # y1 is alive: never handed out twice
+    del y1
+    y3, _ = batch_norm_forward(x, None, None, training=True)
+    assert y3.__array_interface__["data"][0] == address
+    dx, _, _ = batch_norm_backward(g, ctx)
+    assert not np.shares_memory(dx, y2) and not np.shares_memory(dx, y3)
+    view = y2[1:]
+    del y2
+    y4, _ = batch_norm_forward(x, None, None, training=True)
+    assert not np.shares_memory(y4, view)  # a view keeps its block in use
+    buffers.clear()

@@ -809,7 +809,7 @@ def test_moments_passes_are_safe_in_place(dtype, shape3):
     """Layer-norm backward uses its output as scratch: it calls affine_pass with
     out3 is x3 and backward_pass with out3 is g3.  The shared kernels must stay
     elementwise read-before-write for that (a contract on _moments' rewrite)."""
-    from bnorm.functional._moments import affine_pass, backward_pass
+    from bnorm.functional._kernels.channel import affine_pass, backward_pass
 
     rng = np.random.default_rng(0)
     k = shape3[1]

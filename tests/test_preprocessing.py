@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnorm
-from bnorm.functional._moments import Moments
+from bnorm.functional._kernels.moments import Moments
 from bnorm.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -387,7 +387,7 @@ class FakeReducer:
         self.remote, self.calls = remote, 0
 
     def moments(self, local):
-        from bnorm.functional._moments import merge_moments
+        from bnorm.functional._kernels.moments import merge_moments
 
         self.calls += 1
         return merge_moments(local, self.remote)
@@ -395,7 +395,7 @@ class FakeReducer:
 
 @pytest.mark.parametrize("local_batches", [0, 2])
 def test_recompute_merges_across_processes_once(monkeypatch, local_batches):
-    from bnorm.functional._moments import channel_moments
+    from bnorm.functional._kernels.moments import channel_moments
 
     rng = np.random.default_rng(0)
     remote_x = rng.normal(size=(7, 2))

@@ -25,7 +25,7 @@ from bnorm.distributed import (
     allreduce_sum,
     check_comm,
 )
-from bnorm.functional._moments import channel_moments
+from bnorm.functional._kernels.moments import channel_moments
 
 sys.path.insert(0, str(Path(__file__).parent / "mpi"))
 import sync_scenarios

@@ -10,7 +10,7 @@ Every exchange here is **one Allgather of a packed float64 row** per rank,
 followed by the same arithmetic in rank order on every rank:
 
 * moments ``(count, mean, M2)`` are merged with the Chan et al. update
-  (:func:`~bnorm.functional._moments.merge_moments`), weighted by count, ranks
+  (:func:`~bnorm.functional._kernels.moments.merge_moments`), weighted by count, ranks
   with no samples skipped;
 * sums (backward reductions, gradients) are added row by row, rank 0 first.
 
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._validation import describe
-from .functional._moments import Moments, merge_moments
+from .functional._kernels.moments import Moments, merge_moments
 
 __all__ = [
     "Communicator",
@@ -311,7 +311,7 @@ def allreduce_moments(local: Moments, comm: Any) -> Moments:
     Examples
     --------
     >>> import numpy as np
-    >>> from bnorm.functional._moments import channel_moments
+    >>> from bnorm.functional._kernels.moments import channel_moments
     >>> from bnorm.distributed import allreduce_moments
     >>> m = allreduce_moments(channel_moments(np.arange(6.0).reshape(3, 2, 1)), None)
     >>> m.count, m.mean
@@ -474,7 +474,7 @@ def allreduce_running_stats(stats: Any, comm: Any) -> Any:
     into a :class:`bnorm.preprocessing.RunningStats` -- are combined exactly
     (Chan merge of ``(count, mean, M2)`` in rank order; ranks that saw no data
     are skipped).  `stats` is updated in place: its ``moments`` attribute is
-    replaced by the global :class:`~bnorm.functional._moments.Moments`.
+    replaced by the global :class:`~bnorm.functional._kernels.moments.Moments`.
 
     Parameters
     ----------

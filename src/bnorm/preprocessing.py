@@ -10,7 +10,7 @@ channel; ``axis=-1`` on a ``(samples, features)`` table or channels-last
 images gives one per feature; a tuple keeps several axes, e.g.
 ``axis=(1, 2, 3)`` gives per-pixel statistics of shape ``(C, H, W)``.
 
-Statistics are accumulated in float64 as :class:`~bnorm.functional._moments.Moments`
+Statistics are accumulated in float64 as :class:`~bnorm.functional._kernels.moments.Moments`
 (count, mean, sum of squared deviations) and merged with the update of Chan,
 Golub & LeVeque, so streaming a dataset batch by batch gives the whole-data
 statistics to float64 rounding, whatever the split and whatever the offset of
@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from ._validation import as_float_input, describe, normalize_axis
-from .functional._moments import Moments, affine_pass, channel_moments, merge_moments
+from .functional._kernels.channel import affine_pass
+from .functional._kernels.moments import Moments, channel_moments, merge_moments
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -22,7 +22,7 @@ from bnorm.distributed import (
     allreduce_grads,
     allreduce_running_stats,
 )
-from bnorm.functional._moments import Moments, channel_moments, channel_view
+from bnorm.functional._kernels.moments import Moments, channel_moments, channel_view
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 

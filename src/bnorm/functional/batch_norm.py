@@ -25,14 +25,11 @@ from .._validation import (
     shape_text,
 )
 from ._common import check_out, param_grads, start_backward
-from ._moments import (
-    Moments,
-    affine_pass,
-    backward_pass,
-    backward_sums,
-    channel_moments,
-    channel_view,
-)
+from ._kernels import direct as _direct
+from ._kernels.buffers import empty_output
+from ._kernels import kernel_for
+from ._kernels.channel import affine_pass, backward_pass
+from ._kernels.moments import Moments, backward_sums, channel_moments, channel_view
 
 __all__ = [
     "batch_norm",
@@ -55,7 +52,7 @@ _DEFAULT_MOMENTUM = 0.1
 class StatsReducer(Protocol):
     """Combines per-process partial statistics (SyncBatchNorm's hook).
 
-    ``moments`` merges this process's :class:`~bnorm.functional._moments.Moments`
+    ``moments`` merges this process's :class:`~bnorm.functional._kernels.moments.Moments`
     with every other process's; ``sums`` adds the backward reductions
     ``(sum(g), sum(g * (x - mean)))`` over processes.  Single-process batch norm
     uses no reducer.
@@ -167,69 +164,91 @@ def _forward(
         rm = check_channel_vector(running_mean, "running_mean", c, ax)
         rv = check_channel_vector(running_var, "running_var", c, ax)
     out_dtype = x.dtype
-    y = np.empty(x.shape, dtype=out_dtype) if out is None else check_out(out, x.shape, out_dtype)
+    y = empty_output(x.shape, out_dtype) if out is None else check_out(out, x.shape, out_dtype)
     x3 = channel_view(x, ax)
-
-    if batch_stats:
-        # float32 sums within rows (float64 across): statistics within float32 rounding, 2-3x faster.
-        local = channel_moments(x3, accumulate="compute")
-        moments = local if reducer is None else reducer.moments(local)
-        if moments.count == 1:
-            everywhere = "" if reducer is None else " (1 value per channel over all processes)"
-            raise ValueError(
-                "Expected more than 1 value per channel when training, "
-                f"got input size {shape_text(x.shape)}{everywhere}"
-            )
-        n = moments.count
-        mean = moments.mean
-        var = moments.var(ddof=0) if n > 0 else np.zeros(c)
-        stats_updated = False
-        new_rm = new_rv = None
-        if training and n > 0 and (rm is not None or rv is not None):
-            finite = bool(np.isfinite(mean).all() and np.isfinite(var).all())
-            if finite or on_nonfinite == "propagate":
-                if rm is not None:
-                    new_rm = running.update(rm, mean, num_batches_tracked)
-                if rv is not None:
-                    batch_var = var * (n / (n - 1)) if unbiased_running_var else var
-                    new_rv = running.update(rv, batch_var, num_batches_tracked)
-                stats_updated = True
-            elif on_nonfinite == "raise":
-                raise FloatingPointError(
-                    "batch statistics are not finite (NaN or inf in the input); running statistics "
-                    "left unchanged. Pass on_nonfinite='skip' to skip such batches or 'propagate' to "
-                    "update anyway as PyTorch does"
-                )
-            else:
-                warnings.warn(
-                    "batch statistics are not finite (NaN or inf in the input): the running "
-                    "statistics were not updated with this batch (on_nonfinite='skip')",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            invstd = 1.0 / np.sqrt(var + eps_f)
-    else:
-        assert rm is not None and rv is not None
-        n = 0
-        stats_updated = False
-        new_rm = new_rv = None
-        mean = rm.astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
-
+    a, _, nb = x3.shape
+    if batch_stats and reducer is None and a * nb == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {shape_text(x.shape)}"
+        )
     gamma = None if w is None else w.astype(np.float64)
-    # y = (x - mean) * alpha + beta with alpha = gamma * invstd.  PyTorch's CPU kernel
-    # folds the mean into the shift (x * alpha + (beta - mean * alpha)), which in
-    # float32 rounds at eps * |x * alpha|: a constant channel at 1e4 comes out as
-    # ~0.6 instead of 0.  Centering first keeps the error relative to |y|; where
-    # |mean| <= 2 * sqrt(var + eps) the fold costs nothing and saves a pass.
-    alpha = invstd if gamma is None else gamma * invstd
-    shift = np.zeros(c) if b is None else b.astype(np.float64)
-    if x.size:
+    beta = None if b is None else b.astype(np.float64)
+    mean = invstd = var = None
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        # Which kernels serve this call: see bnorm.functional._kernels.kernel_for.
+        if reducer is None and kernel_for("batch_norm", x3) == "direct":
+            x2, y2 = x3.reshape(a, -1), y.reshape(a, -1)
+            if np.may_share_memory(x2, y2):
+                x2 = x2.copy()  # out= over the input: a small copy keeps the bits of out=None
+            if batch_stats:
+                # Into a scratch array where out= must stay untouched until the stats are known.
+                d2 = y2 if out is None else np.empty_like(y2)
+                stats = _direct.forward_batch(x2, nb, y2, d2, gamma, beta, eps_f)
+                if stats is not None:
+                    mean, var, invstd = stats
+            else:
+                assert rm is not None and rv is not None
+                mean = rm.astype(np.float64)
+                invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
+                if not _direct.forward_eval(x2, nb, y2, mean, invstd, gamma, beta):
+                    mean = None
+        written = mean is not None
+        if not written and batch_stats:
+            # float32 sums within rows (float64 across): statistics within float32 rounding, 2-3x faster.
+            local = channel_moments(x3, accumulate="compute")
+            moments = local if reducer is None else reducer.moments(local)
+            if moments.count == 1:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, got input size "
+                    f"{shape_text(x.shape)} (1 value per channel over all processes)"
+                )
+            mean = moments.mean
+            var = moments.var(ddof=0) if moments.count > 0 else np.zeros(c)
+            invstd = 1.0 / np.sqrt(var + eps_f)
+        elif not written:
+            assert rm is not None and rv is not None
+            mean = rm.astype(np.float64)
+            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
+    assert mean is not None and invstd is not None
+    n = (moments.count if not written else a * nb) if batch_stats else 0
+
+    stats_updated = False
+    new_rm = new_rv = None
+    if batch_stats and training and n > 0 and (rm is not None or rv is not None):
+        assert var is not None
+        # The direct kernels return finite statistics only.
+        finite = written or bool(np.isfinite(mean).all() and np.isfinite(var).all())
+        if finite or on_nonfinite == "propagate":
+            if rm is not None:
+                new_rm = running.update(rm, mean, num_batches_tracked)
+            if rv is not None:
+                batch_var = var * (n / (n - 1)) if unbiased_running_var else var
+                new_rv = running.update(rv, batch_var, num_batches_tracked)
+            stats_updated = True
+        elif on_nonfinite == "raise":
+            raise FloatingPointError(
+                "batch statistics are not finite (NaN or inf in the input); running statistics "
+                "left unchanged. Pass on_nonfinite='skip' to skip such batches or 'propagate' to "
+                "update anyway as PyTorch does"
+            )
+        else:
+            warnings.warn(
+                "batch statistics are not finite (NaN or inf in the input): the running "
+                "statistics were not updated with this batch (on_nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    if not written and x.size:
+        # y = (x - mean) * alpha + beta with alpha = gamma * invstd.  PyTorch's CPU kernel
+        # folds the mean into the shift (x * alpha + (beta - mean * alpha)), which in
+        # float32 rounds at eps * |x * alpha|: a constant channel at 1e4 comes out as
+        # ~0.6 instead of 0.  Centering first keeps the error relative to |y|; where
+        # |mean| <= 2 * sqrt(var + eps) the fold costs nothing and saves a pass.
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            spread = 1.0 / invstd
-            affine_pass(x3, alpha, shift, channel_view(y, ax), center=mean, spread=spread)
+            alpha = invstd if gamma is None else gamma * invstd
+            shift = np.zeros(c) if beta is None else beta
+            affine_pass(x3, alpha, shift, channel_view(y, ax), center=mean, spread=1.0 / invstd)
 
     # Every check has passed: only now touch the caller's buffers.
     if new_rm is not None:
@@ -246,10 +265,10 @@ def _forward(
         weight_dtype=None if w is None else w.dtype,
         bias_dtype=None if b is None else b.dtype,
         batch_stats=batch_stats,
-        count=n if batch_stats else x3.shape[0] * x3.shape[2],
+        count=n if batch_stats else a * nb,
         stats_updated=stats_updated,
         reducer=reducer,
-        input_overwritten=out is not None and np.shares_memory(y, x),
+        input_overwritten=out is not None and bool(np.shares_memory(y, x)),
     )
     return y, ctx
 
@@ -469,6 +488,8 @@ def batch_norm_backward(
     grad_weight, grad_bias : ndarray of shape (C,) or None
         None where the forward had no weight / bias; else in their dtype.
     """
+    if out is None and isinstance(ctx, BatchNormContext):
+        out = empty_output(ctx.input.shape, ctx.input.dtype)  # a dropped output's memory, if any
     x, g, dx = start_backward(grad_output, ctx, BatchNormContext, "batch_norm_forward", out)
     if ctx.input_overwritten:
         raise ValueError(
@@ -481,6 +502,20 @@ def batch_norm_backward(
     c = x3.shape[1]
     gamma = ctx.weight if ctx.weight is not None else np.ones(c)
     k = gamma * ctx.invstd
+    if x.size and ctx.reducer is None and kernel_for("batch_norm", x3, g3) == "direct":
+        a, _, nb = x3.shape
+        x2, g2, dx2 = x3.reshape(a, -1), g3.reshape(a, -1), dx.reshape(a, -1)
+        # out= over an input: a small copy keeps the bits of out=None.
+        x2 = x2.copy() if np.may_share_memory(x2, dx2) else x2
+        g2 = g2.copy() if np.may_share_memory(g2, dx2) else g2
+        kernel = _direct.backward_batch if ctx.batch_stats else _direct.backward_running
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            sums = kernel(g2, x2, nb, ctx.mean, ctx.invstd, gamma, dx2)
+        if sums is not None:
+            grad_weight, grad_bias = param_grads(
+                sums[1] * ctx.invstd, sums[0], ctx.weight_dtype, ctx.bias_dtype
+            )
+            return dx, grad_weight, grad_bias
     if x.size:
         sum_g, sum_gx = backward_sums(g3, x3, ctx.mean, ctx.invstd, accumulate="compute")
     else:

@@ -9,7 +9,6 @@ running statistics: training and evaluation compute the same thing.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any
 

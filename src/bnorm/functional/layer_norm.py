@@ -4,19 +4,16 @@ The semantics of :func:`torch.nn.functional.layer_norm`: every sample (every
 index of the leading "batch" axes) is normalized over its trailing
 ``normalized_shape`` axes, with an elementwise affine of that shape.
 
-Layout.  With ``R = prod(batch axes)`` rows of ``M = prod(normalized_shape)``
-values, the row statistics come from
-:func:`~bnorm.functional._moments.channel_moments` over the ``(1, R, M)`` view;
-the elementwise affine is a per-"channel" pass over the ``(R, M, 1)`` view,
-where each of the M positions is a channel.  Backward reuses the same
-primitives (see :func:`layer_norm_backward`), using the output array as its
-only scratch space.
+Layout.  The input is the ``(R, M)`` matrix of ``R = prod(batch axes)`` rows
+of ``M = prod(normalized_shape)`` values, normalized by the fused row-wise
+kernels of :mod:`bnorm.functional._kernels.rowwise` (statistics and the
+affine on one cached tile of rows; float64 row statistics; the centered
+form, so a constant row gives exactly beta).
 """
 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -227,13 +224,10 @@ def layer_norm_backward(
         \frac{\partial L}{\partial \gamma} = \sum_r g \odot \hat x,\qquad
         \frac{\partial L}{\partial \beta} = \sum_r g
 
-    Computed with the shared primitives and grad_input as the only scratch:
-    ``dx <- x_hat`` (affine pass over rows); ``dgamma, dbeta`` = per-position
-    sums of ``g`` and ``g * x_hat`` (:func:`backward_sums` over the
-    ``(R, M, 1)`` view); ``dx <- g * gamma`` (affine pass over positions); the
-    row sums of ``g_hat`` and ``g_hat * (x - mean)`` (:func:`backward_sums` over
-    ``(1, R, M)``); finally ``dx = g_hat * a + x * b + c`` per row
-    (:func:`backward_pass`, in place).
+    Computed tile by tile of whole rows (:func:`~bnorm.functional._kernels.rowwise.row_backward`):
+    per tile ``x - mean``, the column sums of ``g`` and ``g * x_hat`` and the
+    row sums of ``g_hat`` and ``g_hat * (x - mean)`` (BLAS against ones,
+    gamma and invstd), then dx; x_hat is recomputed, never stored.
 
     Parameters
     ----------

@@ -19,7 +19,7 @@ from .._validation import (
     describe,
     normalize_axis,
 )
-from ..functional._moments import Moments, channel_moments, channel_view, merge_moments
+from ..functional._kernels.moments import Moments, channel_moments, channel_view, merge_moments
 from ..functional.batch_norm import (
     BatchNormContext,
     NonFinitePolicy,
@@ -242,7 +242,7 @@ class _BatchNormBase(Module):
         After training, the running averages lag behind the final weights;
         this replaces them with the population mean and variance over every
         value of every batch, merged exactly (Chan et al., see
-        :func:`~bnorm.functional._moments.merge_moments`), not averaged per batch:
+        :func:`~bnorm.functional._kernels.moments.merge_moments`), not averaged per batch:
 
         .. math::
             \mu = \frac{1}{n}\sum_i x_i, \qquad

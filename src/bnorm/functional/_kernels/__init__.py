@@ -1,5 +1,56 @@
-"""bnorm's kernel layer (being assembled): the thread pool lives in :mod:`.pool`."""
+"""bnorm's kernel layer: which kernel serves which op, size and layout, and why.
+
+Files
+-----
+* :mod:`.pool` -- the thread pool (:func:`parallel_map`, :func:`set_num_threads`):
+  a work split fixed by the data, so results never depend on the thread count.
+* :mod:`.direct` -- batch norm on input that fits in cache: the textbook
+  formulas as a handful of whole-array NumPy calls, no tiles, no threads.
+* :mod:`.moments` -- :class:`Moments` (count, mean, M2) and their Chan merge;
+  the shifted sums behind every statistic.
+* :mod:`.channel` -- the per-channel tiled passes (batch norm on large input;
+  layer, group and instance norm until their fused row kernels replace them).
+
+The rule
+--------
+:func:`kernel_for` is the only place that knows sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
 
 from .pool import num_threads, parallel_map, set_num_threads
 
-__all__ = ["num_threads", "parallel_map", "set_num_threads"]
+__all__ = ["DIRECT_MAX_ELEMENTS", "kernel_for", "num_threads", "parallel_map", "set_num_threads"]
+
+#: Batch norm on at most this many values takes the direct kernels.
+DIRECT_MAX_ELEMENTS = 1 << 17
+
+_DIRECT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+Kernel = Literal["direct", "channel"]
+
+
+def kernel_for(op: Literal["batch_norm"], x3: np.ndarray, g3: np.ndarray | None = None) -> Kernel:
+    """The kernels that serve `op` on the ``(A, K, B)`` view `x3` (and upstream gradient `g3`).
+
+    batch_norm:
+        'direct' (:mod:`.direct`) for C-contiguous float32/float64 input of at
+        most DIRECT_MAX_ELEMENTS values (512 KiB of float32, a core's L2
+        cache): there a call is dominated by fixed costs -- Python calls,
+        reductions' setup, waking threads -- and the fewest whole-array NumPy
+        calls win.  'channel' (:mod:`.channel`) otherwise: tiles in L2 spread
+        over the pool, or any other dtype (float16 is computed in float32 tile
+        by tile), layout or empty input.  A backward whose `g3` differs from `x3` in dtype
+        or layout takes 'channel' too (its sums run in the wider dtype).
+    """
+    if op != "batch_norm":
+        raise ValueError(f"unknown op {op!r}")
+    if not 0 < x3.size <= DIRECT_MAX_ELEMENTS or x3.dtype not in _DIRECT_DTYPES or not x3.flags.c_contiguous:
+        return "channel"
+    if g3 is not None and (g3.dtype != x3.dtype or not g3.flags.c_contiguous):
+        return "channel"
+    return "direct"

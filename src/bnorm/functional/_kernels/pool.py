@@ -59,17 +59,21 @@ def _default_threads() -> int:
 
 
 class _Job:
-    """One :func:`parallel_map` call: items taken from a shared counter by any thread."""
+    """One :func:`parallel_map` call: items taken from a shared counter by any thread.
 
-    __slots__ = ("_done", "_errors", "_finished", "_lock", "_next", "fn", "items", "results")
+    No lock: ``next()`` of an ``itertools.count`` and ``list.append`` are atomic
+    under the GIL, so a helper descheduled at any point never blocks the others
+    (a lock held by a descheduled thread would).
+    """
+
+    __slots__ = ("_done", "_errors", "_finished", "_next", "fn", "items", "results")
 
     def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> None:
         self.fn = fn
         self.items = items
         self.results: list[Any] = [None] * len(items)
-        self._next = itertools.count()  # next() is atomic under the GIL
-        self._lock = threading.Lock()
-        self._done = 0
+        self._next = itertools.count()
+        self._done = itertools.count(1)
         self._finished = threading.Event()
         self._errors: list[tuple[int, BaseException]] = []
 
@@ -84,12 +88,9 @@ class _Job:
                 try:
                     self.results[i] = self.fn(self.items[i])
                 except BaseException as e:  # re-raised by the caller, in item order
-                    with self._lock:
-                        self._errors.append((i, e))
-            with self._lock:
-                self._done += 1
-                if self._done == n:
-                    self._finished.set()
+                    self._errors.append((i, e))
+            if next(self._done) == n:
+                self._finished.set()
 
     def wait(self) -> list[Any]:
         self._finished.wait()

@@ -1,103 +1,62 @@
-r"""Per-channel moments and the elementwise passes every normalization shares.
+r"""Per-channel tiled passes: the sums and elementwise passes of batch norm on large input.
 
-Every normalization in bnorm (batch, layer, group, instance) reduces a 3-D view
-``x3`` of shape ``(A, K, B)`` over axes 0 and 2, once per index ``k`` of axis 1:
-
-=================  ===========================  =====================
-op                 input                        view (A, K, B)
-=================  ===========================  =====================
-batch norm         (N, C, *S), channel axis 1    (N, C, prod(S))
-batch norm         (N, *S, C), channel axis -1   (N * prod(S), C, 1)
-layer norm         (*B, *F)                      (1, prod(B), prod(F))
-group norm         (N, C, *S), G groups          (1, N * G, C / G * prod(S))
-instance norm      (N, C, *S)                    (1, N * C, prod(S))
-=================  ===========================  =====================
-
-:func:`channel_view` makes that view (without a copy for C-contiguous input).
-Statistics are kept as :class:`Moments` ``(count, mean, m2)`` -- count, mean and
-sum of squared deviations, all float64 -- because that triple merges exactly
-(Chan, Golub & LeVeque 1979) across batches, blocks, processes and streams.
+Contract
+--------
+Every function works on ``(A, K, B)`` views (see
+:mod:`~bnorm.functional._kernels.moments`) and per-channel float64 vectors of
+length K; outputs go into a given array.  :func:`tiled_sums` returns float64
+per-channel sums; :func:`affine_pass` and :func:`backward_pass` write
+``(x - center) * scale + shift`` and ``g * a + x * b + c``.  Layer, group and
+instance norm use the same passes on their views until their fused row
+kernels replace them.
 
 How the kernels are fast
 ------------------------
 * Sums and sums of squares (or of ``g`` and ``g * x``) are two large calls
-  per thread when the input is C-contiguous in the compute dtype: for long
+  per work item when the input is C-contiguous in the compute dtype: for long
   rows (``B >= 128``) ``np.vecdot`` of every row with a ones vector and with
   ``x`` (BLAS dot products, single-threaded); for short rows ``np.add.reduce``
   and an einsum down groups of 256 rows of the ``(A, K * B)`` matrix.  Other
   inputs (other dtypes, shifted sums) go tile by tile.
-* The elementwise passes (:func:`affine_pass`, :func:`backward_pass`) are
-  short programs -- ``tile = x * scale; tile += shift`` -- run tile by tile
-  (512 KiB of float32, so the chained operations work on data in the core's
-  L2 cache).  The first operation reads the input and writes the output tile;
-  the rest work in place.  The coefficients are NumPy scalars where rows are
-  long (one channel per tile: NumPy's fastest loops), else *planes* -- the
-  per-channel coefficients broadcast over a whole row of the view, or over a
-  run of channels -- because NumPy's loops over contiguous operands run two to
-  three times faster than its broadcasting ones; views with few rows of A
-  (layer, group and instance norm) broadcast columns, since a plane would
-  serve too few tiles.  See :func:`_elementwise`.
-* Tiles are spread over a small pool of Python threads
-  (:func:`set_num_threads`; NumPy releases the GIL in its loops), in
-  contiguous groups; nothing combines partial results across threads, so the
-  results do not depend on the thread count.
+* The elementwise passes are short programs -- ``tile = x * scale; tile +=
+  shift`` -- run tile by tile (512 KiB of float32, so the chained operations
+  work on data in the core's L2 cache).  The first operation reads the input
+  and writes the output tile; the rest work in place.  The coefficients are
+  NumPy scalars where rows are long (one channel per tile: NumPy's fastest
+  loops), else *planes* -- the per-channel coefficients broadcast over a whole
+  row of the view, or over a run of channels -- because NumPy's loops over
+  contiguous operands run two to three times faster than its broadcasting
+  ones; views with few rows of A (layer, group and instance norm) broadcast
+  columns, since a plane would serve too few tiles.  See :func:`_elementwise`.
+* Work items (tiles, runs of rows) are cut from the shape alone and handed to
+  :func:`~bnorm.functional._kernels.pool.parallel_map`; partial sums are
+  combined in item order, so results are bit-identical for any thread count.
+  Scratch memory is sized for :data:`SCRATCH_THREADS` threads holding tiles
+  at once, never from the actual count (which would change the tiling).
 
 Numerical choices
 -----------------
-* Per-channel vectors (mean, variance, 1/sqrt(var + eps), coefficients) and
-  every sum across rows, chunks and tiles are float64 whatever the input
-  dtype.  Within a row (at most 8192 values, 4096 in the whole-array sums)
-  or a group of rows (32 rows tile by tile, 256 in the whole-array sums of
-  short rows) the sums
-  accumulate in float64 by default (``accumulate="float64"``: float32 tiles
-  are converted first; moments to float64 rounding) or in the compute dtype
-  (``accumulate="compute"``, batch norm's choice: two to three times faster,
-  relative errors of the variance around 1e-7, under the float32 rounding of
-  anything normalized with it).
-* Shifted sums.  The one-pass sums ``sum(x)``, ``sum(x**2)`` are used only
-  where they cannot cancel: when every channel's ``mean**2 <= 4 * var``.
-  Otherwise (data offset from zero, e.g. by 1e4) a second pass sums
-  ``d = x - c`` and ``d**2`` with the shift ``c`` the first pass's mean in the
-  accumulation dtype: ``x - c`` is exact (Sterbenz), the sums no longer
-  cancel, and ``mean = c + sum(d) / n``, ``m2 = sum(d**2) - sum(d)**2 / n``,
-  clipped at 0.  The backward sum ``sum(g * (x - mean))`` is shifted the same
-  way.
-* Non-finite sums (NaN or inf input, or float32 overflow of finite input) fall
-  back to the exact float64 two-pass evaluation, so such input behaves exactly
-  as it always did.
-* float16 is computed in float32, tile by tile.
+Per-channel vectors and every sum across rows, chunks and tiles are float64.
+Within a row (at most 8192 values, 4096 in the whole-array sums) or a group of
+rows (32 rows tile by tile, 256 in the whole-array sums of short rows) the
+sums accumulate in the accumulation dtype the caller passes.  float16 is
+computed in float32, tile by tile.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from ._kernels.pool import PARALLEL_MIN_ELEMENTS, num_threads, parallel_map, set_num_threads
+from ..._validation import compute_dtype as _compute_dtype
+from .pool import parallel_map
 
-__all__ = [
-    "BLOCK_ELEMENTS",
-    "PARALLEL_MIN_ELEMENTS",
-    "parallel_map",
-    "Moments",
-    "affine_pass",
-    "backward_pass",
-    "backward_sums",
-    "channel_moments",
-    "channel_view",
-    "iter_blocks",
-    "merge_moments",
-    "num_threads",
-    "set_num_threads",
-]
-
-#: Target number of elements of one block's temporary (about 1 MiB in float64).
-BLOCK_ELEMENTS = 1 << 17
+__all__ = ["SCRATCH_THREADS", "affine_pass", "backward_pass", "col", "tiled_sums"]
 
 #: Elements per tile of the tile-by-tile sums and of the 'columns' form of the
 #: elementwise passes (256 KiB of float32): a tile and what is chained on it
@@ -108,102 +67,24 @@ TILE_ELEMENTS = 1 << 16
 #: shorter ones column-wise over the rows of a tile.
 ROW_DOT_MIN = 128
 
-#: ``mean**2 <= SHIFT_FREE_RATIO * var`` on every channel: one-pass sums are safe.
-SHIFT_FREE_RATIO = 4.0
+#: The tiling bounds scratch memory (planes, tile temporaries) for this many
+#: threads holding tiles at once (the default thread count's cap).  It is a
+#: constant, not :func:`num_threads`: the tiling decides rounding, and must not
+#: depend on the thread count.
+SCRATCH_THREADS = 8
+
+#: Values per work item of the whole-array sums (1 MiB of float32): enough
+#: items for the pool's threads to share the work evenly -- and for the calling
+#: thread to take over a descheduled helper's share -- few enough that the
+#: per-call overhead stays below 1%.
+SUM_ITEM_ELEMENTS = 1 << 18
 
 FloatArray = np.ndarray[Any, np.dtype[np.floating[Any]]]
 
 
-# --------------------------------------------------------------------------- moments
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Count, mean and sum of squared deviations per channel (float64 vectors).
-
-    ``var(ddof) = m2 / (count - ddof)``.  Two partial moments merge exactly with
-    :func:`merge_moments`, in any order and any split.
-    """
-
-    count: int
-    mean: FloatArray
-    m2: FloatArray
-
-    def var(self, ddof: int = 0) -> FloatArray:
-        """The variance per channel; NaN where ``count <= ddof``."""
-        denom = self.count - ddof
-        if denom <= 0:
-            return np.full_like(self.m2, np.nan)
-        return self.m2 / denom
-
-    @classmethod
-    def empty(cls, num_channels: int) -> Moments:
-        z = np.zeros(num_channels, dtype=np.float64)
-        return cls(0, z, z.copy())
-
-
-def merge_moments(a: Moments, b: Moments) -> Moments:
-    r"""Merge two partial moments (Chan, Golub & LeVeque).
-
-    .. math::
-        n = n_a + n_b,\quad \delta = \bar x_b - \bar x_a,\quad
-        \bar x = \bar x_a + \delta \frac{n_b}{n},\quad
-        M_2 = M_{2,a} + M_{2,b} + \delta^2 \frac{n_a n_b}{n}
-
-    Empty partials are skipped, so a rank or batch with no samples changes nothing.
-    """
-    if b.count == 0:
-        return a
-    if a.count == 0:
-        return b
-    n = a.count + b.count
-    delta = b.mean - a.mean
-    mean = a.mean + delta * (b.count / n)
-    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
-    return Moments(n, mean, m2)
-
-
-def channel_view(x: np.ndarray, axis: int) -> np.ndarray:
-    """The ``(A, K, B)`` view of `x` with the channel axis `axis` in the middle.
-
-    A view for C-contiguous input; other layouts are copied once by ``reshape``.
-    """
-    shape = x.shape
-    a = math.prod(shape[:axis])
-    b = math.prod(shape[axis + 1 :])
-    return x.reshape(a, shape[axis], b)
-
-
-def iter_blocks(
-    shape3: tuple[int, int, int], elements: int = BLOCK_ELEMENTS
-) -> Iterator[tuple[slice, slice]]:
-    """Slices ``(rows of A, channels of K)`` covering the view in blocks of about `elements`.
-
-    Blocks run over whole rows of A where a row is small enough, else over
-    channels within one row, so each block's temporary stays cache-sized.
-    """
-    a, k, b = shape3
-    row = k * b
-    if row == 0 or a == 0:
-        return
-    if row <= elements:
-        step = max(1, elements // row)
-        for start in range(0, a, step):
-            yield slice(start, min(a, start + step)), slice(0, k)
-    else:
-        kstep = max(1, elements // max(b, 1))
-        for i in range(a):
-            for start in range(0, k, kstep):
-                yield slice(i, i + 1), slice(start, min(k, start + kstep))
-
-
-def _col(v: np.ndarray) -> np.ndarray:
+def col(v: np.ndarray) -> np.ndarray:
     """A per-channel vector shaped to broadcast against an ``(A, K, B)`` block."""
     return v[None, :, None]
-
-
-def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
 
 
 Tile = tuple[slice, slice, slice]
@@ -372,7 +253,7 @@ def _column_sums(b2: np.ndarray, o2: np.ndarray) -> tuple[FloatArray, FloatArray
     return s1, s2
 
 
-def _reduce(
+def tiled_sums(
     x3: np.ndarray, y3: np.ndarray | None, shift: np.ndarray | None, ct: np.dtype[Any]
 ) -> tuple[FloatArray, FloatArray]:
     """Per-channel sums over the tiles of ``d = x3 - shift`` (shift None: ``d = x3``), float64.
@@ -388,14 +269,14 @@ def _reduce(
             return whole
     # Each thread holds up to two tile temporaries in `ct`: keep them all
     # within 1/16 of the input's size.
-    elements = max(4096, min(TILE_ELEMENTS, x3.size // (64 * max(1, num_threads()))))
+    elements = max(4096, min(TILE_ELEMENTS, x3.size // (64 * SCRATCH_THREADS)))
     tiles = _reduce_tiles(x3.shape, elements)
 
     def work(t: Tile) -> tuple[FloatArray, FloatArray]:
         chans = t[1]
         blk = x3[t]
         if shift is not None:
-            blk = np.subtract(blk, _col(shift[chans]), dtype=ct)
+            blk = np.subtract(blk, col(shift[chans]), dtype=ct)
         elif blk.dtype != ct:
             blk = blk.astype(ct)
         other = None if y3 is None else _tile(y3, t, ct)
@@ -425,12 +306,12 @@ NARROW_ROW = 64
 def _whole_sums(
     x3: np.ndarray, y3: np.ndarray | None, ct: np.dtype[Any]
 ) -> tuple[FloatArray, FloatArray] | None:
-    """The unshifted sums of :func:`_reduce` over the whole contiguous array at once.
+    """The unshifted sums of :func:`tiled_sums` over the whole contiguous array at once.
 
     For C-contiguous input already in the compute dtype, where no elementwise
     work has to be chained, a few large calls beat any loop over tiles: the
-    array is cut into one contiguous part per thread, and each thread makes
-    two calls on its part.
+    array is cut into contiguous parts of about SUM_ITEM_ELEMENTS values (a
+    split fixed by the shape), and each part takes two calls.
 
     * long rows (``B >= ROW_DOT_MIN``): ``np.vecdot`` of each row (at most
       WHOLE_ROW_DOT_MAX values) with a ones vector and with ``x``;
@@ -440,8 +321,8 @@ def _whole_sums(
     * narrow rows: the column sums of :func:`_column_sums`.
 
     Partial sums (per row, per group) are in the compute dtype; everything
-    across them is summed in float64, in the same order whatever the thread
-    count.  No BLAS matrix product is used: OpenBLAS's worker threads spin for
+    across them is summed in float64, in an order fixed by the shape.  No BLAS
+    matrix product is used: OpenBLAS's worker threads spin for
     ~0.1 s after each threaded call and would take a core from the elementwise
     pass that follows.  None where the input does not qualify.
     """
@@ -450,7 +331,6 @@ def _whole_sums(
         return None
     a, k, b = x3.shape
     g3 = x3 if y3 is None else y3
-    threads = max(1, num_threads())
     if b >= ROW_DOT_MIN:
         length = _row_length(b, WHOLE_ROW_DOT_MAX)
         x2 = x3.reshape(-1, length)
@@ -459,10 +339,10 @@ def _whole_sums(
         r1 = np.empty(rows, dtype=ct)
         r2 = np.empty(rows, dtype=ct)
         ones = _ones(length, ct)
-        # One contiguous run of rows per thread, two calls each: on this kind of
-        # machine every extra call costs a GIL hand-over, which outweighs reading a
-        # chunk from cache a second time.
-        parts = [slice(rows * j // threads, rows * (j + 1) // threads) for j in range(threads)]
+        # Runs of rows of about SUM_ITEM_ELEMENTS values, two calls each: few calls
+        # (each costs a GIL hand-over), yet enough runs to share among threads.
+        step = max(1, SUM_ITEM_ELEMENTS // length)
+        parts = [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
 
         def rows_work(sl: slice) -> None:
             np.vecdot(g2[sl], ones, out=r1[sl])
@@ -485,11 +365,14 @@ def _whole_sums(
     part1 = np.empty((ng, n), dtype=ct)
     part2 = np.empty((ng, n), dtype=ct)
     full = a // q
-    # Each thread takes a run of groups, or (fewer groups than threads) a run of columns.
-    if ng >= threads:
-        blocks = [(ng * j // threads, ng * (j + 1) // threads, 0, n) for j in range(threads)]
+    # Work items of about SUM_ITEM_ELEMENTS values: runs of groups, or (a few large
+    # groups) runs of columns across all groups -- fixed by the shape.
+    per_item = SUM_ITEM_ELEMENTS // (q * n)
+    if per_item >= 1:
+        blocks = [(i, min(ng, i + per_item), 0, n) for i in range(0, ng, per_item)]
     else:
-        blocks = [(0, ng, n * j // threads, n * (j + 1) // threads) for j in range(threads)]
+        cols = max(16, SUM_ITEM_ELEMENTS // a // 16 * 16)
+        blocks = [(0, ng, c0, min(n, c0 + cols)) for c0 in range(0, n, cols)]
 
     def group_work(part: tuple[int, int, int, int]) -> None:
         i0, i1, c0, c1 = part
@@ -511,127 +394,6 @@ def _whole_sums(
     if b > 1:
         return s1.reshape(k, b).sum(axis=1), s2.reshape(k, b).sum(axis=1)
     return s1, s2
-
-
-def _needs_shift(mean: np.ndarray, var: np.ndarray) -> bool:
-    """Whether one-pass sums around 0 could cancel on some channel."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return not bool(np.all(mean * mean <= SHIFT_FREE_RATIO * var))
-
-
-def _exact_moments(x3: np.ndarray) -> Moments:
-    """Two-pass moments accumulated in float64 (the reference evaluation)."""
-    a, k, b = x3.shape
-    count = a * b
-    total = np.zeros(k, dtype=np.float64)
-    for rows, chans in iter_blocks(x3.shape):
-        total[chans] += np.add.reduce(x3[rows, chans], axis=(0, 2), dtype=np.float64)
-    mean = total / count
-    m2 = np.zeros(k, dtype=np.float64)
-    # inf - inf is NaN: non-finite statistics are reported by the caller's policy.
-    with np.errstate(invalid="ignore", over="ignore"):
-        for rows, chans in iter_blocks(x3.shape):
-            d = x3[rows, chans].astype(np.float64)
-            d -= _col(mean[chans])
-            m2[chans] += np.einsum("akb,akb->k", d, d)
-    return Moments(count, mean, m2)
-
-
-Accumulate = Literal["float64", "compute"]
-
-
-def _accumulation_dtype(dtype: np.dtype[Any], accumulate: Accumulate) -> np.dtype[Any]:
-    if accumulate == "float64":
-        return np.dtype(np.float64)
-    if accumulate == "compute":
-        return _compute_dtype(dtype)
-    raise ValueError(f"accumulate must be 'float64' or 'compute', got {accumulate!r}")
-
-
-def channel_moments(x3: np.ndarray, *, accumulate: Accumulate = "float64") -> Moments:
-    """Count, mean and M2 per channel of an ``(A, K, B)`` view (float64 results).
-
-    One pass of BLAS sums where that is exact enough (``mean**2 <= 4 var`` on
-    every channel), else a second pass shifted by the first pass's mean; the
-    exact float64 two-pass evaluation where the sums are not finite.
-
-    `accumulate` says what the BLAS sums within a row (at most 8192 values, or
-    32 rows) accumulate in: 'float64' (default; float32 and float16 tiles are
-    converted first) gives the moments to float64 rounding; 'compute' sums
-    float32 data in float32 -- two to three times faster, with relative errors
-    of the variance around 1e-7, under the float32 rounding of anything
-    normalized with it (batch norm's choice; the sums across rows and tiles
-    are float64 either way).
-    """
-    a, k, b = x3.shape
-    count = a * b
-    ct = _accumulation_dtype(x3.dtype, accumulate)
-    if count == 0:
-        return Moments.empty(k)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        s1, s2 = _reduce(x3, None, None, ct)
-        mean = s1 / count
-        m2 = s2 - s1 * mean
-        if np.isfinite(m2).all() and not _needs_shift(mean, m2 / count):
-            return Moments(count, mean, np.maximum(m2, 0.0))
-        if np.isfinite(mean).all():
-            c = mean.astype(ct)
-            s1, s2 = _reduce(x3, None, c, ct)
-            dmean = s1 / count
-            m2 = s2 - s1 * dmean
-            if np.isfinite(m2).all():
-                return Moments(count, c.astype(np.float64) + dmean, np.maximum(m2, 0.0))
-    return _exact_moments(x3)
-
-
-def backward_sums(
-    g3: np.ndarray,
-    x3: np.ndarray,
-    mean: np.ndarray,
-    invstd: np.ndarray | None = None,
-    *,
-    accumulate: Accumulate = "float64",
-) -> tuple[FloatArray, FloatArray]:
-    """``(sum(g), sum(g * (x - mean)))`` per channel, float64 results.
-
-    With `invstd` (``1 / sqrt(var + eps)`` of the forward) and
-    ``|mean| * invstd <= 2`` on every channel, ``sum(g * x) - mean * sum(g)``
-    in one pass of BLAS dot products; otherwise ``x`` is shifted by `mean`
-    inside each tile first.  Non-finite sums fall back to the exact float64
-    evaluation.  `accumulate` as in :func:`channel_moments`.
-    """
-    k = x3.shape[1]
-    ct = _accumulation_dtype(np.result_type(x3.dtype, g3.dtype), accumulate)
-    if x3.size == 0:
-        return np.zeros(k), np.zeros(k)
-    mean = np.asarray(mean, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if invstd is not None and np.isfinite(mean).all() and not _needs_shift(mean * invstd, np.ones(k)):
-            sum_g, sum_gx = _reduce(x3, g3, None, ct)
-            sum_gx = sum_gx - mean * sum_g
-        elif np.isfinite(mean).all():
-            c = mean.astype(ct)
-            sum_g, sum_gd = _reduce(x3, g3, c, ct)
-            sum_gx = sum_gd + (c.astype(np.float64) - mean) * sum_g
-        else:
-            sum_g = sum_gx = np.full(k, np.nan)
-    if np.isfinite(sum_g).all() and np.isfinite(sum_gx).all():
-        return sum_g, sum_gx
-    return _exact_backward_sums(g3, x3, mean)
-
-
-def _exact_backward_sums(g3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> tuple[FloatArray, FloatArray]:
-    k = x3.shape[1]
-    sum_g = np.zeros(k, dtype=np.float64)
-    sum_gx = np.zeros(k, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for rows, chans in iter_blocks(x3.shape):
-            g = g3[rows, chans].astype(np.float64)
-            d = x3[rows, chans].astype(np.float64)
-            d -= _col(mean[chans])
-            sum_g[chans] += g.sum(axis=(0, 2))
-            sum_gx[chans] += np.einsum("akb,akb->k", g, d)
-    return sum_g, sum_gx
 
 
 # --------------------------------------------------------------------------- elementwise passes
@@ -705,7 +467,7 @@ def _pass_layout(
     if a < PLANE_REUSE:
         return "columns", tile_max, 0  # a plane would serve too few tiles to pay for itself
     # Every thread's planes together within 1/8 of the array (or a few small ones).
-    budget = max(SMALL_BUDGET, size // (8 * max(1, num_threads()) * max(1, n_coefs)))
+    budget = max(SMALL_BUDGET, size // (8 * SCRATCH_THREADS * max(1, n_coefs)))
     row = k * b
     if contiguous and row <= min(tile_max, budget):
         p = max(1, min(a, PLANE_ELEMENTS // row, budget // row))
@@ -763,7 +525,7 @@ def _elementwise(
     temps = (0 if direct else 1) + sum(1 for s in steps if s.scaled_by is not None)
     tile_max = PASS_TILE
     if temps:
-        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * max(1, num_threads()) * temps)))
+        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * SCRATCH_THREADS * temps)))
     contiguous = out3.flags.c_contiguous and all(arr.flags.c_contiguous for arr in arrays.values())
     form, tile, extent = _pass_layout(out3.shape, contiguous, len(coefs), tile_max)
     # The first operation streams the input from memory.  With scalar operands an
@@ -854,7 +616,7 @@ def _elementwise(
             run(out3[idx], lambda arr: arr[idx], lambda name: pl[name])
 
     else:
-        cols_v = {name: _col(v) for name, v in vecs.items()}
+        cols_v = {name: col(v) for name, v in vecs.items()}
         items = _tiles(out3.shape, min(tile, TILE_ELEMENTS))
 
         def fn(t: Tile) -> None:
