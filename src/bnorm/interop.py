@@ -36,6 +36,7 @@ from .layers.batchnorm import (
     BatchNorm3d,
     _BatchNormBase,
 )
+from .layers.norms import RMSNorm
 
 __all__ = ["from_torch", "from_keras", "to_keras_weights"]
 
@@ -52,8 +53,11 @@ def _float_dtype(arrays: Sequence[np.ndarray]) -> np.dtype[Any]:
     return np.dtype(np.float32)
 
 
-def from_torch(module_or_state_dict: Any) -> _BatchNormBase:
+def from_torch(module_or_state_dict: Any) -> Any:
     r"""A bnorm layer equal to a PyTorch batch-norm module (or built from its state dict).
+
+    A ``torch.nn.RMSNorm`` module gives a :class:`~bnorm.RMSNorm` with the
+    same ``normalized_shape``, ``eps`` (None included) and weight.
 
     For a module, the class follows the module's (``BatchNorm1d/2d/3d``;
     ``SyncBatchNorm`` becomes a :class:`~bnorm.BatchNorm`), and ``eps``,
@@ -71,12 +75,12 @@ def from_torch(module_or_state_dict: Any) -> _BatchNormBase:
 
     Parameters
     ----------
-    module_or_state_dict : torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm, or mapping
-        The module, or its ``state_dict()`` (tensors or arrays).
+    module_or_state_dict : torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm, RMSNorm, or mapping
+        The module, or a batch-norm module's ``state_dict()`` (tensors or arrays).
 
     Returns
     -------
-    BatchNorm1d, BatchNorm2d, BatchNorm3d or BatchNorm
+    BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNorm or RMSNorm
         A new layer holding copies of the values.
 
     Raises
@@ -120,6 +124,8 @@ def from_torch(module_or_state_dict: Any) -> _BatchNormBase:
         layer.load_state_dict(state, strict=True)
         return layer
     name = type(obj).__name__
+    if name == "RMSNorm":
+        return _rms_from_torch(obj)
     match = _TORCH_CLASS.match(name)
     if match is None and name != "SyncBatchNorm":
         raise TypeError(
@@ -141,6 +147,39 @@ def from_torch(module_or_state_dict: Any) -> _BatchNormBase:
     return layer
 
 
+def _rms_from_torch(module: Any) -> RMSNorm:
+    """A :class:`~bnorm.RMSNorm` equal to a ``torch.nn.RMSNorm`` module."""
+    state = {str(k): to_numpy(v, f"state[{k!r}]") for k, v in module.state_dict().items()}
+    layer = RMSNorm(
+        tuple(int(d) for d in module.normalized_shape),
+        eps=None if module.eps is None else float(module.eps),
+        elementwise_affine=bool(module.elementwise_affine),
+        dtype=_float_dtype(list(state.values())),
+    )
+    layer.load_state_dict(state, strict=True)
+    layer.train(bool(getattr(module, "training", True)))
+    return layer
+
+
+def _rms_from_keras(layer: Any) -> RMSNorm:
+    """A :class:`~bnorm.RMSNorm` equal to a built ``keras.layers.RMSNormalization``."""
+    if not getattr(layer, "built", True):
+        raise ValueError("the Keras layer is not built: call it on an input (or build it) first")
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    k = len(axes)
+    if sorted(int(a) for a in axes) != list(range(-k, 0)):
+        raise ValueError(
+            f"Keras RMSNormalization normalizes axis={list(axes)}; bnorm's RMSNorm normalizes trailing "
+            f"axes: rebuild the Keras layer with negative trailing axes (axis={list(range(-k, 0))}) or "
+            "move the axes last with np.moveaxis"
+        )
+    scale = to_numpy(layer.get_weights()[0], "scale")
+    rms = RMSNorm(scale.shape, eps=float(layer.epsilon), dtype=_float_dtype([scale]))
+    rms.load_state_dict({"weight": scale}, strict=True)
+    rms.eval()
+    return rms
+
+
 def from_keras(
     layer_or_weights: Any,
     *,
@@ -149,8 +188,13 @@ def from_keras(
     momentum: float = 0.99,
     epsilon: float = 1e-3,
     axis: int = -1,
-) -> BatchNorm:
+) -> Any:
     r"""A bnorm layer equal to a Keras ``BatchNormalization`` (or built from its weights).
+
+    A built ``keras.layers.RMSNormalization`` gives a :class:`~bnorm.RMSNorm`
+    with ``eps=layer.epsilon`` (Keras default 1e-6) and the ``scale`` as its
+    weight; its ``axis`` must be the trailing axes given as negative indices
+    (the default -1).
 
     The result is a :class:`~bnorm.BatchNorm` in the Keras convention:
     ``decay=momentum`` (``moving = momentum * moving + (1 - momentum) *
@@ -202,6 +246,8 @@ def from_keras(
     [[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]]
     """
     src = layer_or_weights
+    if type(src).__name__ == "RMSNormalization":
+        return _rms_from_keras(src)
     if callable(getattr(src, "get_weights", None)):
         if getattr(src, "renorm", False):
             raise ValueError(
@@ -264,6 +310,9 @@ def from_keras(
 def to_keras_weights(layer: Any) -> list[np.ndarray]:
     r"""The layer's arrays in Keras ``set_weights`` order.
 
+    For an :class:`~bnorm.RMSNorm`: ``[scale]`` (its weight), for
+    ``keras.layers.RMSNormalization(epsilon=layer.eps)``.
+
     ``[gamma, beta, moving_mean, moving_variance]``, leaving out gamma when
     the weight is None and beta when the bias is None (Keras ``scale=False`` /
     ``center=False``).  Copies, in the layer's dtype.
@@ -298,6 +347,10 @@ def to_keras_weights(layer: Any) -> list[np.ndarray]:
     >>> [w.tolist() for w in to_keras_weights(bnorm.BatchNorm1d(2))]
     [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
     """
+    if isinstance(layer, RMSNorm):  # Keras RMSNormalization: [scale]
+        if layer.weight is None:
+            raise ValueError("an RMSNorm without weight (elementwise_affine=False) has no Keras scale")
+        return [np.array(layer.weight, copy=True)]
     mean, var = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
     if mean is None or var is None:
         raise ValueError(
