@@ -26,8 +26,8 @@ from .._validation import (
 )
 from ._common import check_out, param_grads, start_backward
 from ._kernels import direct as _direct
-from ._kernels.buffers import empty_output
 from ._kernels import kernel_for
+from ._kernels.buffers import empty_output
 from ._kernels.channel import affine_pass, backward_pass
 from ._kernels.moments import Moments, backward_sums, channel_moments, channel_view
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_channel_vector, check_eps, check_positive_int
 from ._common import param_grads, start_backward
+from ._kernels.buffers import empty_output
 from ._kernels.rowwise import RowPlan, as_rows, row_backward, row_forward, row_problem
 
 __all__ = ["group_norm", "group_norm_forward", "group_norm_backward", "GroupNormContext"]
@@ -103,7 +104,7 @@ def group_norm_forward(
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
     x2, plan = grouped_problem(x, groups)
-    y = np.empty(x.shape, dtype=x.dtype)
+    y = empty_output(x.shape, x.dtype)
     gamma = None if w is None else w.astype(plan.dtype)
     mean, _var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(x2.shape))
     ctx = GroupNormContext(

@@ -26,6 +26,7 @@ from .._validation import (
     shape_text,
 )
 from ._common import param_grads, start_backward
+from ._kernels.buffers import empty_output
 from ._kernels.rowwise import as_rows, row_apply, row_backward, row_forward
 from .group_norm import grouped_problem
 
@@ -105,7 +106,7 @@ def instance_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
-    y = np.empty(arr.shape, dtype=arr.dtype)
+    y = empty_output(arr.shape, arr.dtype)
     x2, plan = grouped_problem(arr, c)  # one group per channel
     gamma = None if w is None else w.astype(plan.dtype)
     new_rm = new_rv = None

@@ -22,6 +22,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_eps, describe
 from ._common import param_grads, start_backward
+from ._kernels.buffers import empty_output
 from ._kernels.rowwise import as_rows, row_backward, row_forward, row_problem
 
 __all__ = [
@@ -137,7 +138,7 @@ def layer_norm_forward(
     rows = math.prod(arr.shape[: arr.ndim - len(shape)])
     m = math.prod(shape)
     x2, plan = row_problem(arr, rows, m, 1, 1)
-    y = np.empty(arr.shape, dtype=arr.dtype)
+    y = empty_output(arr.shape, arr.dtype)
     gamma = None if w is None else w.astype(plan.dtype).ravel()
     mean, _var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(rows, m))
     ctx = LayerNormContext(

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_eps, compute_dtype
 from ._common import start_backward
+from ._kernels.buffers import empty_output
 from ._kernels.rowwise import as_rows, row_backward, row_forward, row_problem
 from .layer_norm import check_elementwise, check_normalized_shape, check_trailing_shape
 
@@ -101,7 +102,7 @@ def rms_norm_forward(
     rows = math.prod(arr.shape[: arr.ndim - len(shape)])
     m = math.prod(shape)
     x2, plan = row_problem(arr, rows, m, 1, 1, center=False)
-    y = np.empty(arr.shape, dtype=arr.dtype)
+    y = empty_output(arr.shape, arr.dtype)
     gamma = None if w is None else w.astype(plan.dtype).ravel()
     _mean, _ms, invstd = row_forward(x2, plan, gamma, None, eps_f, y.reshape(rows, m))
     ctx = RMSNormContext(

@@ -278,7 +278,9 @@ class _Affine:
 # --------------------------------------------------------------------------- statistics
 
 
-def _tile_stats(xt: Array, work: Array, ones: Array, eps: float, center: bool) -> tuple[Array, ...]:
+def _tile_stats(
+    xt: Array, work: Array, ones: Array, eps: float, center: bool
+) -> tuple[Array, Array, Array, Array | None]:
     """float64 ``(mean, var, invstd)`` of the rows of a tile, and the compute-dtype shift.
 
     Centering writes ``xt - shift`` into `work`, with the shift the BLAS row
@@ -436,7 +438,8 @@ def row_forward(
 
     parts = _run(tile, plan.tiles(), r * m)
     if len(parts) == 1:
-        return parts[0]
+        first: tuple[Array, Array, Array] = parts[0]
+        return first
     mean, var, invstd = (np.concatenate([p[i] for p in parts]) for i in range(3))
     return mean, var, invstd
 
@@ -528,8 +531,10 @@ def _direct_backward(
     else:
         dgamma = dbeta = np.zeros(groups * cg)
     if gamma is not None:
+        gamma3 = _rows_of_channels(gamma, plan, t)
+        assert gamma3 is not None
         g3 = g_hat.reshape(t, cg, s)
-        g3 *= _rows_of_channels(gamma, plan, t)
+        g3 *= gamma3
     if stats_depend:
         b = np.vecdot(g_hat, x_hat)
         b /= m
@@ -655,9 +660,8 @@ def _element_param_parts(gt: Array, gx: Array, inv_c: Array, ones: Array, groups
 
 def _row_dot(a: Array, gamma_rows: Array) -> Array:
     """float64 ``sum_j a_ij * gamma_ij`` per row (gamma one row for all, or one per row)."""
-    if gamma_rows.shape[0] == 1:
-        return (a @ gamma_rows[0]).astype(np.float64)
-    return np.vecdot(a, gamma_rows).astype(np.float64)
+    out: Array = (a @ gamma_rows[0]) if gamma_rows.shape[0] == 1 else np.vecdot(a, gamma_rows)
+    return out.astype(np.float64)
 
 
 def row_backward(
@@ -724,16 +728,21 @@ def row_backward(
     dg = [p[0] for p in parts]
     db = [p[1] for p in parts]
     if plan.channel_form:  # (T, Cg) per tile: per-row values, group r % G
-        return _sum_over_groups(np.concatenate(dg), plan.groups), _sum_over_groups(np.concatenate(db), plan.groups)
+        return _sum_over_groups(np.concatenate(dg), plan.groups), _sum_over_groups(
+            np.concatenate(db), plan.groups
+        )
     # Element form: (G, M) per tile, summed in tile order, then over S within each channel.
     shape3 = (plan.groups, plan.channels, plan.spatial)
-    return _ordered_sum(dg).reshape(shape3).sum(axis=2).ravel(), _ordered_sum(db).reshape(shape3).sum(axis=2).ravel()
+    return _ordered_sum(dg).reshape(shape3).sum(axis=2).ravel(), _ordered_sum(db).reshape(shape3).sum(
+        axis=2
+    ).ravel()
 
 
 def _sum_over_groups(per_row: Array, groups: int) -> Array:
     """Sum (R, Cg) per-row values over the rows of each group (R is a multiple of G)."""
     r, cg = per_row.shape
-    return per_row.reshape(r // groups, groups, cg).sum(axis=0).ravel()
+    out: Array = per_row.reshape(r // groups, groups, cg).sum(axis=0)
+    return out.ravel()
 
 
 def _ordered_sum(parts: list[Any]) -> Array:
@@ -815,7 +824,9 @@ def _long_forward(x2: Array, aff: _Affine, eps: float, y2: Array) -> tuple[Array
             mean, var = np.zeros(plan.rows), ss / m
         invstd = 1.0 / np.sqrt(var + eps)
         for row in np.flatnonzero(~np.isfinite(d + ss)):
-            mean[row], var[row], invstd[row] = (v[0] for v in _float64_stats(x2[row : row + 1], eps, plan.center))
+            mean[row], var[row], invstd[row] = (
+                v[0] for v in _float64_stats(x2[row : row + 1], eps, plan.center)
+            )
     _long_apply(x2, aff, mean, invstd, y2)
     return mean, var, invstd
 
@@ -879,7 +890,11 @@ def _long_backward(
     parts = _run(chunk_sums, items, work)
     sg = _per_row_channel([p[0] for p in parts], items, plan)  # (R, Cg): sum g
     sgx = _per_row_channel([p[1] for p in parts], items, plan)  # (R, Cg): sum g * xc
-    gam = np.ones((plan.rows, plan.channels)) if aff.gamma is None else aff.gamma.astype(np.float64)[np.arange(plan.rows) % g]
+    gam = (
+        np.ones((plan.rows, plan.channels))
+        if aff.gamma is None
+        else aff.gamma.astype(np.float64)[np.arange(plan.rows) % g]
+    )
     with np.errstate(all="ignore"):
         k1 = -(invstd**3) * (sgx * gam).sum(axis=1) / m
         k2 = -invstd * (sg * gam).sum(axis=1) / m if plan.center else np.zeros(plan.rows)
