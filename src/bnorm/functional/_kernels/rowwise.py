@@ -320,13 +320,22 @@ def _float64_stats(xt: Array, eps: float, center: bool) -> tuple[Array, Array, A
 
 
 def _float64_centered(xt: Array, eps: float, center: bool) -> tuple[Array, Array, Array, Array]:
-    """Two-pass float64 ``(mean, var, invstd)`` of the rows of `xt`, and ``xt - mean`` in float64."""
+    """Two-pass float64 ``(mean, var, invstd)`` of the rows of `xt`, and ``xt - mean`` in float64.
+
+    The mean is corrected by the mean of ``x - mean`` (the rounding of the first
+    sum), so a constant row of any float64 value gets exactly its value as mean
+    and exactly 0 as ``x - mean``.
+    """
     x64 = xt.astype(np.float64)
     m = xt.shape[1]
     if center:
         mean = np.add.reduce(x64, axis=1)
         mean /= m
         x64 -= mean[:, None]
+        correction = np.add.reduce(x64, axis=1)
+        correction /= m
+        mean += correction
+        x64 -= correction[:, None]
     else:
         mean = np.zeros(xt.shape[0])
     var = np.vecdot(x64, x64)
