@@ -36,7 +36,15 @@ from bnorm.functional._kernels import rowwise as RW
 
 # (R, Cg, S, G): layer norm (S = 1, G = 1), group norm in the element form (S < 64,
 # G > 1) and in the channel form, instance norm (Cg = 1), an odd row length.
-PROBLEMS = [(6, 5, 1, 1), (12, 3, 4, 3), (8, 2, 70, 4), (4, 1, 100, 2), (64, 16, 1, 4), (3, 7, 1, 1), (10, 3, 65, 5)]
+PROBLEMS = [
+    (6, 5, 1, 1),
+    (12, 3, 4, 3),
+    (8, 2, 70, 4),
+    (4, 1, 100, 2),
+    (64, 16, 1, 4),
+    (3, 7, 1, 1),
+    (10, 3, 65, 5),
+]
 
 # (TILE_ELEMENTS (both directions), LONG_ROW_TILES, direct path allowed)
 PATHS = {
@@ -105,7 +113,9 @@ def test_kernels_match_float64_on_every_path(path, problem, dtype):
         beta = rng.standard_normal(groups * cg) if affine else np.zeros(groups * cg)
         plan = RW.make_plan(r, cg, s, groups, np.float32 if dtype == np.float16 else dtype, center=center)
         y2, dx2 = np.empty_like(x2), np.empty_like(x2)
-        mean, var, invstd = RW.row_forward(x2, plan, gamma if affine else None, beta if affine else None, 1e-5, y2)
+        mean, var, invstd = RW.row_forward(
+            x2, plan, gamma if affine else None, beta if affine else None, 1e-5, y2
+        )
         dgamma, dbeta = RW.row_backward(g2, x2, plan, mean, invstd, gamma if affine else None, dx2)
         y, dx, dg, db, inv = _reference(x2, g2, r, cg, s, groups, gamma, beta, 1e-5, center)
         tol = (OFFSET_TOL if offset else TOL)[dtype]
@@ -175,7 +185,9 @@ def test_float32_offset_data_within_pytorchs_own_error():
         _within(layer_norm(x, 768, w, b), theirs, truth)
         xg = (rng.standard_normal((8, 64, 16, 16)) + offset).astype(np.float32)
         wg = (rng.random(64) + 0.5).astype(np.float32)
-        truth = torch.nn.functional.group_norm(torch.from_numpy(xg).double(), 8, torch.from_numpy(wg).double())
+        truth = torch.nn.functional.group_norm(
+            torch.from_numpy(xg).double(), 8, torch.from_numpy(wg).double()
+        )
         theirs = torch.nn.functional.group_norm(torch.from_numpy(xg), 8, torch.from_numpy(wg)).numpy()
         _within(group_norm(xg, 8, wg), theirs, truth.numpy())
 

@@ -177,10 +177,11 @@ def rms_norm(
       (``np.moveaxis``).
     * **ONNX** ``RMSNormalization`` (opset 23) normalizes over the axes
       ``axis, ..., rank - 1`` (default ``axis=-1``) with ``epsilon=1e-5`` by
-      default: ``rms_norm(x, x.shape[axis:], scale, eps=1e-5)``.  Its
-      ``stash_type`` (default 1, float32) is the compute precision: bnorm
-      computes float64 input in float64, which is ``stash_type=11``; with the
-      default the two agree to float32 rounding.
+      default, an attribute stored as float32:
+      ``rms_norm(x, x.shape[axis:], scale, eps=float(np.float32(1e-5)))``.
+      Its ``stash_type`` (default 1, float32) names the compute precision;
+      bnorm computes float64 input in float64 (ONNX's reference
+      implementation does so too) and float16 in float32.
     * **Flax** ``nn.RMSNorm(epsilon=1e-6)`` is the Keras form
       (``eps=1e-6``) over the last axis.
 
