@@ -487,29 +487,62 @@ def row_apply(
 # --------------------------------------------------------------------------- direct (small inputs)
 
 
-def _rows_of_channels(p: Array | None, plan: RowPlan, t: int) -> Array | None:
-    """G * Cg parameter values as float64 of shape (t or 1, Cg, 1): each row's group's values."""
+def _rows_of_channels(p: Array | None, plan: RowPlan, t: int, dtype: Any) -> Array | None:
+    """G * Cg parameter values in `dtype`, shape (t or 1, Cg, 1): each row's group's values."""
     if p is None:
         return None
-    p64 = np.asarray(p, dtype=np.float64).reshape(plan.groups, plan.channels)
+    pc = np.asarray(p, dtype=dtype).reshape(plan.groups, plan.channels)
     if plan.groups > 1:
-        p64 = p64[np.arange(t) % plan.groups]
-    return p64[:, :, None]
+        pc = pc[np.arange(t) % plan.groups]
+    return pc[:, :, None]
+
+
+def _direct_stats(x2: Array, eps: float, plan: RowPlan, xc: Array) -> tuple[Array, Array, Array]:
+    """float64 ``(mean, var, invstd)`` of a small input; ``x - mean`` (rounded mean) into `xc`.
+
+    The row sums accumulate in float64 (``dtype=`` of the reduction), so a
+    float32 constant row's mean is exactly its value; float64 input gets the
+    mean of ``x - mean`` added back (its first sum rounds), so it is exact there
+    too.  The variance is the compute-dtype square sum of the centered values.
+    """
+    ct = plan.dtype
+    m = x2.shape[1]
+    if plan.center:
+        mean = np.add.reduce(x2, axis=1, dtype=np.float64)
+        mean /= m
+        np.subtract(x2, mean.astype(ct)[:, None], out=xc)
+        if ct == np.float64 or ct == np.longdouble:
+            correction = np.add.reduce(xc, axis=1)
+            correction /= m
+            mean += correction
+            xc -= correction[:, None]
+    else:
+        mean = np.zeros(x2.shape[0])
+        np.copyto(xc, x2, casting="same_kind")
+    var = np.vecdot(xc, xc).astype(np.float64)
+    var /= m
+    invstd = var + eps
+    np.sqrt(invstd, out=invstd)
+    np.divide(1.0, invstd, out=invstd)
+    return mean, var, invstd
 
 
 def _direct_forward(
     x2: Array, y2: Array, plan: RowPlan, gamma: Array | None, beta: Array | None, eps: float
 ) -> tuple[Array, Array, Array]:
-    """The whole (small) input in float64: two-pass statistics, then the affine; cast once."""
+    """A small input as whole-array NumPy calls in the compute dtype, on the calling thread."""
     t = x2.shape[0]
-    mean, var, invstd, xc = _float64_centered(x2, eps, plan.center)
-    xc *= invstd[:, None]
-    x3 = xc.reshape(t, plan.channels, plan.spatial)
+    ct = plan.dtype
+    work = y2 if y2.dtype == ct else np.empty(x2.shape, ct)
+    mean, var, invstd = _direct_stats(x2, eps, plan, work)
+    work *= invstd.astype(ct)[:, None]
+    w3 = work.reshape(t, plan.channels, plan.spatial)
     if gamma is not None:
-        x3 *= _rows_of_channels(gamma, plan, t)
+        w3 *= _rows_of_channels(gamma, plan, t, ct)
     if beta is not None:
-        x3 += _rows_of_channels(beta, plan, t)
-    np.copyto(y2, xc, casting="same_kind")
+        w3 += _rows_of_channels(beta, plan, t, ct)
+    if work is not y2:
+        np.copyto(y2, work, casting="same_kind")
     return mean, var, invstd
 
 
@@ -524,37 +557,46 @@ def _direct_backward(
     stats_depend: bool,
     want_params: bool,
 ) -> tuple[Array, Array]:
-    """Backward of a small input in float64 (the module docstring's formula, written out)."""
+    """Backward of a small input in the compute dtype (the module docstring's formula, written out)."""
     t, m = x2.shape
+    ct = plan.dtype
     cg, s, groups = plan.channels, plan.spatial, plan.groups
-    x_hat = x2.astype(np.float64)
-    if plan.center:
-        x_hat -= mean[:, None]
-    x_hat *= invstd[:, None]
-    g_hat = g2.astype(np.float64)
+    inv_c = invstd.astype(ct)[:, None]
+    x_hat = np.subtract(x2, mean.astype(ct)[:, None], dtype=ct) if plan.center else x2.astype(ct)
+    x_hat *= inv_c
+    g = g2 if g2.dtype == ct else g2.astype(ct)
     if want_params:
-        gx = (g_hat * x_hat).reshape(t, cg, s)
-        g3 = g_hat.reshape(t, cg, s)
-        dgamma = _sum_over_groups(gx.sum(axis=2) if s > 1 else gx[:, :, 0], groups)
-        dbeta = _sum_over_groups(g3.sum(axis=2) if s > 1 else g3[:, :, 0], groups)
+        # Down the rows of each group first (a BLAS product with ones), then over S.
+        k = t // groups
+        ones = np.ones(k, ct)
+        dgamma = (ones @ (g * x_hat).reshape(k, groups * m)).astype(np.float64)
+        dbeta = (ones @ g.reshape(k, groups * m)).astype(np.float64)
+        if s > 1:
+            dgamma = dgamma.reshape(groups * cg, s).sum(axis=1)
+            dbeta = dbeta.reshape(groups * cg, s).sum(axis=1)
     else:
         dgamma = dbeta = np.zeros(groups * cg)
-    if gamma is not None:
-        gamma3 = _rows_of_channels(gamma, plan, t)
-        assert gamma3 is not None
-        g3 = g_hat.reshape(t, cg, s)
-        g3 *= gamma3
+    out = dx2 if dx2.dtype == ct else np.empty(x2.shape, ct)
+    gamma3 = _rows_of_channels(gamma, plan, t, ct)
+    if gamma3 is not None:
+        np.multiply(g.reshape(t, cg, s), gamma3, out=out.reshape(t, cg, s))
+    else:
+        np.copyto(out, g)
     if stats_depend:
-        b = np.vecdot(g_hat, x_hat)
-        b /= m
+        # The row means of g_hat * x_hat and g_hat, in the compute dtype (small rows:
+        # pairwise / BLAS sums, as accurate as the tile path's).
+        inv_m = ct.type(1.0 / m)
+        b = np.vecdot(out, x_hat)
+        b *= inv_m
         if plan.center:
-            a = np.add.reduce(g_hat, axis=1)
-            a /= m
-            g_hat -= a[:, None]
+            a = np.add.reduce(out, axis=1)
+            a *= inv_m
+            out -= a[:, None]
         x_hat *= b[:, None]
-        g_hat -= x_hat
-    g_hat *= invstd[:, None]
-    np.copyto(dx2, g_hat, casting="same_kind")
+        out -= x_hat
+    out *= inv_c
+    if out is not dx2:
+        np.copyto(dx2, out, casting="same_kind")
     return dgamma, dbeta
 
 
