@@ -16,8 +16,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_channel_vector, check_eps, check_positive_int
 from ._common import param_grads, start_backward
-from ._kernels.buffers import empty_output
-from ._kernels.rowwise import RowPlan, as_rows, row_backward, row_forward, row_problem
+from ._kernels.rowwise import RowPlan, normalize, normalize_backward, plan_for
 
 __all__ = ["group_norm", "group_norm_forward", "group_norm_backward", "GroupNormContext"]
 
@@ -55,11 +54,33 @@ def check_num_groups(num_groups: Any) -> int:
     return check_positive_int(num_groups, "num_groups")
 
 
-def grouped_problem(x: np.ndarray, num_groups: int) -> tuple[np.ndarray, RowPlan]:
-    """``(N, C, *S)`` input as its ``(N * G, C / G * prod(S))`` rows, and their plan."""
+def grouped_plan(x: np.ndarray, num_groups: int) -> RowPlan:
+    """The row-wise plan of ``(N, C, *S)`` input: ``N * G`` rows of ``C / G * prod(S)`` values."""
     n, c = x.shape[0], x.shape[1]
-    spatial = math.prod(x.shape[2:])
-    return row_problem(x, n * num_groups, c // num_groups, spatial, num_groups)
+    return plan_for(x, n * num_groups, c // num_groups, math.prod(x.shape[2:]), num_groups)
+
+
+def grouped_backward(
+    grad_output: Any, ctx: Any, cls: type[Any], forward: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The backward group norm and instance norm share: checks, row kernels, parameter gradients.
+
+    Instance norm's context has one group per channel and says whether its
+    statistics were the input's own (``use_input_stats``).
+    """
+    x, g, dx = start_backward(grad_output, ctx, cls, forward)
+    dgamma, dbeta = normalize_backward(
+        g,
+        x,
+        dx,
+        grouped_plan(x, ctx.num_groups if isinstance(ctx, GroupNormContext) else x.shape[1]),
+        ctx.mean,
+        ctx.invstd,
+        ctx.weight,
+        stats_depend=getattr(ctx, "use_input_stats", True),
+        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
+    )
+    return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))
 
 
 def group_norm_forward(
@@ -103,10 +124,9 @@ def group_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
-    x2, plan = grouped_problem(x, groups)
-    y = empty_output(x.shape, x.dtype)
+    plan = grouped_plan(x, groups)
     gamma = None if w is None else w.astype(plan.dtype)
-    mean, _var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(x2.shape))
+    y, mean, _var, invstd = normalize(x, plan, gamma, b, eps_f)
     ctx = GroupNormContext(
         input=x,
         num_groups=groups,
@@ -219,16 +239,4 @@ def group_norm_backward(
     ValueError
         `grad_output` does not have the input's shape.
     """
-    x, g, dx = start_backward(grad_output, ctx, GroupNormContext, "group_norm_forward")
-    x2, plan = grouped_problem(x, ctx.num_groups)
-    dgamma, dbeta = row_backward(
-        as_rows(g, plan.rows),
-        x2,
-        plan,
-        ctx.mean,
-        ctx.invstd,
-        ctx.weight,
-        dx.reshape(x2.shape),
-        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
-    )
-    return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))
+    return grouped_backward(grad_output, ctx, GroupNormContext, "group_norm_forward")

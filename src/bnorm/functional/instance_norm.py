@@ -25,10 +25,9 @@ from .._validation import (
     describe,
     shape_text,
 )
-from ._common import param_grads, start_backward
 from ._kernels.buffers import empty_output
-from ._kernels.rowwise import as_rows, row_apply, row_backward, row_forward
-from .group_norm import grouped_problem
+from ._kernels.rowwise import as_rows, normalize, row_apply
+from .group_norm import grouped_backward, grouped_plan
 
 __all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward", "InstanceNormContext"]
 
@@ -106,8 +105,7 @@ def instance_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
-    y = empty_output(arr.shape, arr.dtype)
-    x2, plan = grouped_problem(arr, c)  # one group per channel
+    plan = grouped_plan(arr, c)  # one group per channel
     gamma = None if w is None else w.astype(plan.dtype)
     new_rm = new_rv = None
     if use_input:
@@ -118,7 +116,7 @@ def instance_norm_forward(
             )
         rm = None if running_mean is None else check_buffer(running_mean, "running_mean", c, 1)
         rv = None if running_var is None else check_buffer(running_var, "running_var", c, 1)
-        mean, var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(x2.shape))
+        y, mean, var, invstd = normalize(arr, plan, gamma, b, eps_f)
         if rm is not None and rv is not None and n > 0 and spatial > 0:
             # PyTorch: every instance updates a copy of the running buffer with its own
             # mean and unbiased variance; the copies are then averaged over the batch.
@@ -138,7 +136,8 @@ def instance_norm_forward(
         mean = np.tile(rm_r.astype(np.float64), n)
         with np.errstate(divide="ignore", invalid="ignore"):
             invstd = 1.0 / np.sqrt(np.tile(rv_r.astype(np.float64), n) + eps_f)
-        row_apply(x2, plan, mean, invstd, gamma, b, y.reshape(x2.shape))
+        y = empty_output(arr.shape, arr.dtype)
+        row_apply(as_rows(arr, plan.rows), plan, mean, invstd, gamma, b, as_rows(y, plan.rows))
 
     # Every check has passed: only now touch the caller's buffers.
     if new_rm is not None and new_rv is not None:
@@ -272,18 +271,4 @@ def instance_norm_backward(
     ValueError
         `grad_output` does not have the input's shape.
     """
-    x, g, dx = start_backward(grad_output, ctx, InstanceNormContext, "instance_norm_forward")
-    c = x.shape[1]
-    x2, plan = grouped_problem(x, c)
-    dgamma, dbeta = row_backward(
-        as_rows(g, plan.rows),
-        x2,
-        plan,
-        ctx.mean,
-        ctx.invstd,
-        ctx.weight,
-        dx.reshape(x2.shape),
-        stats_depend=ctx.use_input_stats,
-        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
-    )
-    return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))
+    return grouped_backward(grad_output, ctx, InstanceNormContext, "instance_norm_forward")

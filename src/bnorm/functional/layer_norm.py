@@ -22,8 +22,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_eps, describe
 from ._common import param_grads, start_backward
-from ._kernels.buffers import empty_output
-from ._kernels.rowwise import as_rows, row_backward, row_forward, row_problem
+from ._kernels.rowwise import RowPlan, normalize, normalize_backward, plan_for
 
 __all__ = [
     "layer_norm",
@@ -33,6 +32,7 @@ __all__ = [
     "check_normalized_shape",
     "check_trailing_shape",
     "check_elementwise",
+    "trailing_plan",
 ]
 
 
@@ -85,6 +85,14 @@ def check_normalized_shape(normalized_shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in items)
 
 
+def trailing_plan(x: np.ndarray, shape: tuple[int, ...], *, center: bool = True) -> RowPlan:
+    """The row-wise plan of `x` normalized over its trailing `shape`: rows of prod(shape) values."""
+    m = math.prod(shape)
+    return plan_for(
+        x, x.size // m if m else math.prod(x.shape[: x.ndim - len(shape)]), m, 1, 1, center=center
+    )
+
+
 def check_trailing_shape(x: np.ndarray, shape: tuple[int, ...]) -> None:
     """`x` must end with `shape` (layer norm's and RMSNorm's normalized_shape)."""
     k = len(shape)
@@ -135,12 +143,9 @@ def layer_norm_forward(
     eps_f = check_eps(eps, training=False)
     w = check_elementwise(weight, "weight", shape)
     b = check_elementwise(bias, "bias", shape)
-    rows = math.prod(arr.shape[: arr.ndim - len(shape)])
-    m = math.prod(shape)
-    x2, plan = row_problem(arr, rows, m, 1, 1)
-    y = empty_output(arr.shape, arr.dtype)
+    plan = trailing_plan(arr, shape)
     gamma = None if w is None else w.astype(plan.dtype).ravel()
-    mean, _var, invstd = row_forward(x2, plan, gamma, b, eps_f, y.reshape(rows, m))
+    y, mean, _var, invstd = normalize(arr, plan, gamma, b, eps_f)
     ctx = LayerNormContext(
         input=arr,
         normalized_shape=shape,
@@ -252,18 +257,14 @@ def layer_norm_backward(
         `grad_output` does not have the input's shape.
     """
     x, g, dx = start_backward(grad_output, ctx, LayerNormContext, "layer_norm_forward")
-    rows = ctx.mean.shape[0]
-    m = math.prod(ctx.normalized_shape)
-    x2, plan = row_problem(x, rows, m, 1, 1)
-    g2 = as_rows(g, rows)
-    dgamma, dbeta = row_backward(
-        g2,
-        x2,
-        plan,
+    dgamma, dbeta = normalize_backward(
+        g,
+        x,
+        dx,
+        trailing_plan(x, ctx.normalized_shape),
         ctx.mean,
         ctx.invstd,
         ctx.weight,
-        dx.reshape(rows, m),
         want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
     )
     shape = ctx.normalized_shape

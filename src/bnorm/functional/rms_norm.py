@@ -9,7 +9,6 @@ kernels (:mod:`bnorm.functional._kernels.rowwise`) without the centering.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +17,8 @@ import numpy as np
 
 from .._validation import as_float_input, check_eps, compute_dtype
 from ._common import start_backward
-from ._kernels.buffers import empty_output
-from ._kernels.rowwise import as_rows, row_backward, row_forward, row_problem
-from .layer_norm import check_elementwise, check_normalized_shape, check_trailing_shape
+from ._kernels.rowwise import normalize, normalize_backward
+from .layer_norm import check_elementwise, check_normalized_shape, check_trailing_shape, trailing_plan
 
 __all__ = ["rms_norm", "rms_norm_forward", "rms_norm_backward", "RMSNormContext", "default_rms_eps"]
 
@@ -99,12 +97,9 @@ def rms_norm_forward(
     check_trailing_shape(arr, shape)
     eps_f = default_rms_eps(arr.dtype) if eps is None else check_eps(eps, training=False)
     w = check_elementwise(weight, "weight", shape)
-    rows = math.prod(arr.shape[: arr.ndim - len(shape)])
-    m = math.prod(shape)
-    x2, plan = row_problem(arr, rows, m, 1, 1, center=False)
-    y = empty_output(arr.shape, arr.dtype)
+    plan = trailing_plan(arr, shape, center=False)
     gamma = None if w is None else w.astype(plan.dtype).ravel()
-    _mean, _ms, invstd = row_forward(x2, plan, gamma, None, eps_f, y.reshape(rows, m))
+    y, _mean, _ms, invstd = normalize(arr, plan, gamma, None, eps_f)
     ctx = RMSNormContext(
         input=arr,
         normalized_shape=shape,
@@ -235,18 +230,10 @@ def rms_norm_backward(grad_output: Any, ctx: RMSNormContext) -> tuple[np.ndarray
         `grad_output` does not have the input's shape.
     """
     x, g, dx = start_backward(grad_output, ctx, RMSNormContext, "rms_norm_forward")
-    rows = ctx.invstd.shape[0]
-    m = math.prod(ctx.normalized_shape)
-    x2, plan = row_problem(x, rows, m, 1, 1, center=False)
-    dgamma, _ = row_backward(
-        as_rows(g, rows),
-        x2,
-        plan,
-        np.zeros(rows),
-        ctx.invstd,
-        ctx.weight,
-        dx.reshape(rows, m),
-        want_params=ctx.weight_dtype is not None,
+    plan = trailing_plan(x, ctx.normalized_shape, center=False)
+    zero_mean = np.zeros(plan.rows)
+    dgamma, _ = normalize_backward(
+        g, x, dx, plan, zero_mean, ctx.invstd, ctx.weight, want_params=ctx.weight_dtype is not None
     )
     gw = None if ctx.weight_dtype is None else dgamma.reshape(ctx.normalized_shape).astype(ctx.weight_dtype)
     return dx, gw

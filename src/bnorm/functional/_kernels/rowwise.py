@@ -99,6 +99,7 @@ from typing import Any
 import numpy as np
 
 from ..._validation import compute_dtype
+from .buffers import empty_output
 from .pool import parallel_map
 
 __all__ = [
@@ -114,7 +115,9 @@ __all__ = [
     "row_apply",
     "row_backward",
     "row_forward",
-    "row_problem",
+    "normalize",
+    "normalize_backward",
+    "plan_for",
 ]
 
 #: Values per forward tile (512 KiB of float32; x and y tiles: 1 MiB, inside
@@ -223,12 +226,47 @@ def as_rows(a: Array, rows: int) -> Array:
     return a.reshape(rows, a.size // rows if rows else 0)
 
 
-def row_problem(
+def plan_for(
     x: Array, rows: int, channels: int, spatial: int, groups: int, *, center: bool = True
-) -> tuple[Array, RowPlan]:
-    """`x` as its ``(R, Cg * S)`` matrix, and the plan to normalize it in its compute dtype."""
-    plan = make_plan(rows, channels, spatial, groups, compute_dtype(x.dtype), center=center)
-    return as_rows(x, rows), plan
+) -> RowPlan:
+    """The plan to normalize `x`, viewed as ``(rows, channels * spatial)``, in its compute dtype."""
+    return make_plan(rows, channels, spatial, groups, compute_dtype(x.dtype), center=center)
+
+
+def normalize(
+    x: Array, plan: RowPlan, gamma: Array | None, beta: Array | None, eps: float
+) -> tuple[Array, Array, Array, Array]:
+    """:func:`row_forward` of any-shape `x`: a new output like `x`, and float64 ``(mean, var, invstd)``."""
+    y = empty_output(x.shape, x.dtype)
+    mean, var, invstd = row_forward(as_rows(x, plan.rows), plan, gamma, beta, eps, as_rows(y, plan.rows))
+    return y, mean, var, invstd
+
+
+def normalize_backward(
+    g: Array,
+    x: Array,
+    dx: Array,
+    plan: RowPlan,
+    mean: Array,
+    invstd: Array,
+    gamma: Array | None,
+    *,
+    stats_depend: bool = True,
+    want_params: bool = True,
+) -> tuple[Array, Array]:
+    """:func:`row_backward` of any-shape arrays (`dx`: a C-contiguous output like `x`)."""
+    rows = plan.rows
+    return row_backward(
+        as_rows(g, rows),
+        as_rows(x, rows),
+        plan,
+        mean,
+        invstd,
+        gamma,
+        as_rows(dx, rows),
+        stats_depend=stats_depend,
+        want_params=want_params,
+    )
 
 
 # --------------------------------------------------------------------------- affine parameters
