@@ -33,6 +33,7 @@ __all__ = [
     "check_trailing_shape",
     "check_elementwise",
     "trailing_plan",
+    "trailing_inputs",
 ]
 
 
@@ -83,6 +84,16 @@ def check_normalized_shape(normalized_shape: Any) -> tuple[int, ...]:
     if not items:
         raise ValueError("normalized_shape must have at least one dimension, got ()")
     return tuple(int(d) for d in items)
+
+
+def trailing_inputs(
+    x: Any, normalized_shape: Any, weight: Any
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None]:
+    """Layer norm's and RMSNorm's checks: float `x` ending with `normalized_shape`, and the weight."""
+    arr = as_float_input(x, "x")
+    shape = check_normalized_shape(normalized_shape)
+    check_trailing_shape(arr, shape)
+    return arr, shape, check_elementwise(weight, "weight", shape)
 
 
 def trailing_plan(x: np.ndarray, shape: tuple[int, ...], *, center: bool = True) -> RowPlan:
@@ -137,11 +148,8 @@ def layer_norm_forward(
     >>> bool(np.allclose(dx, 0)), db
     (True, array([2., 2., 2.]))
     """
-    arr = as_float_input(x, "x")
-    shape = check_normalized_shape(normalized_shape)
-    check_trailing_shape(arr, shape)
+    arr, shape, w = trailing_inputs(x, normalized_shape, weight)
     eps_f = check_eps(eps, training=False)
-    w = check_elementwise(weight, "weight", shape)
     b = check_elementwise(bias, "bias", shape)
     plan = trailing_plan(arr, shape)
     gamma = None if w is None else w.astype(plan.dtype).ravel()

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import as_float_input, check_eps, compute_dtype
+from .._validation import check_eps, compute_dtype
 from ._common import start_backward
 from ._kernels.rowwise import normalize, normalize_backward
-from .layer_norm import check_elementwise, check_normalized_shape, check_trailing_shape, trailing_plan
+from .layer_norm import trailing_inputs, trailing_plan
 
 __all__ = ["rms_norm", "rms_norm_forward", "rms_norm_backward", "RMSNormContext", "default_rms_eps"]
 
@@ -92,11 +92,8 @@ def rms_norm_forward(
     >>> dw.round(4)
     array([1.8485, 0.1314])
     """
-    arr = as_float_input(x, "x")
-    shape = check_normalized_shape(normalized_shape)
-    check_trailing_shape(arr, shape)
+    arr, shape, w = trailing_inputs(x, normalized_shape, weight)
     eps_f = default_rms_eps(arr.dtype) if eps is None else check_eps(eps, training=False)
-    w = check_elementwise(weight, "weight", shape)
     plan = trailing_plan(arr, shape, center=False)
     gamma = None if w is None else w.astype(plan.dtype).ravel()
     y, _mean, _ms, invstd = normalize(arr, plan, gamma, None, eps_f)
