@@ -55,7 +55,7 @@ from bnorm.functional._kernels import pool
 SHAPES = [(4096, 1024), (64, 128, 1024), (32, 64, 56, 56), (128, 512, 7, 7), (8, 32, 16, 32, 32)]
 OPS = ["train", "eval", "backward"]
 IMPLS = ["copy", "torch", "bnorm", "bnorm(out)", "naive"]
-# Targets (issue #3): geometric mean over the shapes, float32, channels-first.
+# Targets: geometric mean over the shapes, float32, channels-first.
 TARGETS = {
     ("train", "torch"): 1.0,
     ("eval", "torch"): 1.25,

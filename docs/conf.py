@@ -4,8 +4,10 @@ Build (warnings are errors, as in CI)::
 
     pip install -e ".[docs]" && sphinx-build -W --keep-going -b html docs docs/_build/html
 
-The build needs no network: intersphinx has no remote inventories and MathJax is
-loaded by the reader's browser.
+The build needs no network, and neither does the built site: intersphinx has no
+remote inventories, and MathJax is shipped with the site (the docs extra installs
+``sphinx-mathjax-offline``, which copies MathJax 3 into ``_static/mathjax``), so
+formulas render offline.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
+    # MathJax 3 copied into the site and used instead of a CDN: formulas render offline.
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
@@ -80,15 +84,22 @@ numpydoc_validation_checks: set[str] = set()
 # -- HTML ----------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = f"bnorm {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["bnorm.css"]  # a wide article column; tables wrap or scroll, never clip
 html_theme_options = {
     "navigation_with_keys": False,
+    # The header holds the eight sections of index.md's toctree; none hides under "More".
+    "header_links_before_dropdown": 8,
     "show_toc_level": 2,
-    "secondary_sidebar_items": ["page-toc"],
+    # No right-hand column: "On this page" sits in the left sidebar, below the
+    # section's pages, so the article gets the width (at 1280 px a third column
+    # left the conventions table clipped).
+    "secondary_sidebar_items": [],
     "footer_start": ["copyright"],
     "footer_end": [],
 }
-html_sidebars = {"**": ["sidebar-nav-bs"]}
+# The left sidebar lists the section's pages, then the headings of this page.
+html_sidebars = {"**": ["sidebar-nav-bs", "page-toc"]}
 html_show_sourcelink = False
 
 

@@ -386,7 +386,34 @@ def test_load_mnist_npz_errors(
 
 
 def _assert_schema(doc: Any, steps: int) -> None:
-    assert isinstance(doc, dict) and list(doc) == ["bn", "plain"]
+    assert isinstance(doc, dict) and list(doc) == [
+        "bnorm_version",
+        "config",
+        "steps_to_target",
+        "bn",
+        "plain",
+    ]
+    assert doc["bnorm_version"] == bnorm.__version__
+    config = doc["config"]
+    assert list(config) == [
+        "model",
+        "data",
+        "steps",
+        "lr",
+        "batch_size",
+        "seed",
+        "target",
+        "checkpoints",
+        "optimizer",
+    ]
+    assert config["steps"] == steps and config["model"] in ("mlp", "cnn") and 0 < config["target"] <= 1
+    for variant in ("bn", "plain"):  # the first checkpoint at or above the target, or null
+        reached = [
+            s
+            for s, a in zip(doc[variant]["steps"], doc[variant]["test_accuracy"], strict=True)
+            if a >= config["target"]
+        ]
+        assert doc["steps_to_target"][variant] == (reached[0] if reached else None)
     for variant in ("bn", "plain"):
         h = doc[variant]
         assert set(h) == {"steps", "test_accuracy", "percentiles"}
@@ -533,9 +560,9 @@ def test_cli_subprocess_quick(tmp_path: Path) -> None:
     assert "| step | without BN | with BN |" in proc.stdout
     assert "steps to 90% test accuracy" in proc.stdout
     png = out / "bnorm-demo-mlp.png"
-    assert f"figure: {png}" in proc.stdout
+    assert f"figure: {png}" in proc.stdout and f"json: {js}" in proc.stdout
     width, height = _png_size(png)
-    assert width > 600 and height > 200
+    assert (width, height) == (13 * 150, round(4.2 * 150))  # 150 dpi
     _assert_schema(json.loads(js.read_text()), 40)
 
 
@@ -573,7 +600,8 @@ def test_cli_names_missing_extras(
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     assert main(["demo", "--quick"]) == 1
     err = capsys.readouterr().err
-    assert 'pip install "bnorm[demo]"' in err
+    assert 'pip install "bnorm[demo]"' in err  # an installed bnorm
+    assert 'pip install -e ".[demo]"' in err  # a clone, where "bnorm[demo]" would fetch another copy
     assert {"sklearn": "scikit-learn"}.get(module, module) in err
 
 
@@ -613,14 +641,25 @@ def test_cli_does_not_need_sklearn_with_data(
         (["demo", "--seed", "x"], "expected a non-negative integer, got 'x'"),
         (["demo", "--model", "rnn"], "invalid choice: 'rnn'"),
         (
-            ["demo", "--steps", "3", "--target", "1.5", "--no-progress"],
-            "target must be an accuracy in (0, 1], got 1.5",
+            ["demo", "--target", "1.5"],
+            "argument --target: expected an accuracy in (0, 1], such as 0.9, got '1.5'",
+        ),
+        (
+            ["demo", "--target", "90"],
+            "argument --target: expected an accuracy in (0, 1], such as 0.9, got '90'",
+        ),
+        (
+            ["demo", "--batch-size", "5000"],
+            "bnorm demo: --batch-size must be at most the 1438 training images, got 5000",
         ),
     ],
 )
 def test_cli_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "step/s" not in captured.err and "Traceback" not in captured.err  # before the progress bar
+    assert captured.err.count("\n") == 1  # one line, usage errors from argparse included
 
 
 @needs_extras
@@ -634,9 +673,110 @@ def test_cli_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "--json must be a file path" in capsys.readouterr().err
 
 
+@needs_extras
+def test_cli_unwritable_paths_fail_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A path below a regular file cannot be created, even by root (tests may run as root,
+    # for whom permission bits do not stop a write).
+    (tmp_path / "file").write_text("x")
+    blocked = tmp_path / "file" / "sub"
+    assert main(["demo", "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bnorm demo: --out: cannot write to {str(blocked)!r}: Not a directory\n"
+    assert main(["demo", "--json", str(blocked / "r.json"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"bnorm demo: --json: cannot write {str(blocked / 'r.json')!r}: its directory "
+        f"{str(blocked)!r} is not writable\n"
+    )
+    assert main(["demo", "--json", str(tmp_path / "file" / "r.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert list((tmp_path / "o").iterdir()) == []  # the probe file is gone; nothing else was written
+
+
+@needs_extras
+def test_cli_write_failure_after_training_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bnorm.demo.report as report
+
+    def full_disk(result: Any, path: Any) -> str:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "write_json", full_disk)
+    assert main(["demo", "--steps", "2", "--no-progress", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    path = str(tmp_path / "bnorm-demo-mlp.json")
+    assert err == f"bnorm demo: cannot write {path!r}: No space left on device\n"
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"bnorm {bnorm.__version__}\n"
+
+
+@needs_extras
+def test_cli_ctrl_c_is_one_line_and_130(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bnorm.demo.experiment as experiment
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run_experiment", interrupted)
+    assert main(["demo", "--no-progress", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "bnorm demo: interrupted (Ctrl-C)\n"
+
+
+@needs_extras
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_cli_ctrl_c_in_a_real_process(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnorm", "demo", "--steps", "100000", "--out", str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        assert proc.stderr is not None
+        seen = ""
+        while "step" not in seen and time.monotonic() < deadline:  # training has started
+            seen += proc.stderr.read(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.rstrip().endswith("bnorm demo: interrupted (Ctrl-C)")
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_cli_without_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "demo" in capsys.readouterr().err
+
+
+@needs_extras
+def test_demo_default_out_is_bnorm_demo_and_ignored_by_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--steps", "2", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "bnorm-demo").iterdir()) == [
+        "bnorm-demo-mlp.json",
+        "bnorm-demo-mlp.png",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bnorm-demo"]
+    gitignore = (Path(SRC).parent / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "bnorm-demo/" in gitignore
 
 
 @needs_digits
@@ -674,3 +814,16 @@ def test_cli_json_is_deterministic(tmp_path: Path, model: str) -> None:
         texts.append(path.read_text())
     assert texts[0] == texts[1]
     _assert_schema(json.loads(texts[0]), 12)
+
+
+@needs_extras
+def test_cli_cnn_image_size_is_checked_before_training(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _fake_mnist(tmp_path / "m.npz", rng, n_train=60, n_test=10, size=10)
+    assert main(["demo", "--model", "cnn", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "bnorm demo: --model cnn needs images whose height and width are divisible by 4 (two 2x2 "
+        f"poolings), got 10x10 from {data}; use --model mlp\n"
+    )

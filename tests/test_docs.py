@@ -4,12 +4,17 @@ Every ``>>>`` example in a fenced ``pycon`` (or ``python``) block of a page unde
 docs/ is executed as a doctest, one namespace per page (blocks run in order, as
 a reader would type them).  MyST pages are not doctested by Sphinx, so this is
 what keeps the guides honest.
+
+A page whose examples need an optional package says so in a MyST comment line
+(not rendered): ``% doctest-requires: torch`` (several: ``torch, keras``).  Its
+examples are skipped, as a whole, when a package cannot be imported.
 """
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import os
 import pkgutil
 import re
 from pathlib import Path
@@ -41,10 +46,21 @@ def _example_text(page: Path) -> str:
 
 
 _PAGES_WITH_EXAMPLES = [p for p in _pages() if _example_text(p)]
+_REQUIRES = re.compile(r"^%\s*doctest-requires:\s*(?P<modules>[\w., ]+?)\s*$", re.M)
+
+
+def _skip_unless_importable(page: Path) -> None:
+    """pytest.skip unless every module the page's ``% doctest-requires:`` lines name imports."""
+    for m in _REQUIRES.finditer(page.read_text(encoding="utf-8")):
+        for module in (name.strip() for name in m.group("modules").split(",")):
+            if module == "keras":
+                os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 with the backend CI has
+            pytest.importorskip(module, reason=f"{page.name} needs {module}")
 
 
 @pytest.mark.parametrize("page", _PAGES_WITH_EXAMPLES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_page_examples(page: Path) -> None:
+    _skip_unless_importable(page)
     text = _example_text(page)
     parser = doctest.DocTestParser()
     test = parser.get_doctest(text, {"__name__": "__docs__"}, str(page.relative_to(ROOT)), str(page), 0)
@@ -68,6 +84,22 @@ class _Collect:
 
 def test_the_guides_have_examples() -> None:
     for name in ("getting-started.md", "guide/batch-norm.md", "guide/train-eval.md", "guide/conventions.md"):
+        assert DOCS / name in _PAGES_WITH_EXAMPLES, f"{name} has no >>> examples"
+
+
+def test_pages_needing_an_optional_package_skip_without_it(tmp_path: Path) -> None:
+    page = tmp_path / "needs.md"
+    page.write_text("# x\n\n% doctest-requires: numpy, bnorm_no_such_package\n", encoding="utf-8")
+    with pytest.raises(pytest.skip.Exception, match=r"needs\.md needs bnorm_no_such_package"):
+        _skip_unless_importable(page)
+    page.write_text("# x\n\n% doctest-requires: numpy\n", encoding="utf-8")
+    _skip_unless_importable(page)  # importable: runs
+
+
+def test_porting_guides_declare_their_framework() -> None:
+    for name, module in (("porting-pytorch.md", "torch"), ("porting-keras.md", "keras")):
+        text = (DOCS / name).read_text(encoding="utf-8")
+        assert re.search(rf"^% doctest-requires: {module}$", text, re.M), name
         assert DOCS / name in _PAGES_WITH_EXAMPLES, f"{name} has no >>> examples"
 
 
@@ -105,11 +137,29 @@ def test_api_page_for_every_public_module() -> None:
     assert not missing, "\n".join(missing)
 
 
-def test_index_globs_every_page() -> None:
-    index = (DOCS / "index.md").read_text(encoding="utf-8")
-    for pattern in ("guide/*", "api/*"):
-        assert re.search(rf"^{re.escape(pattern)}\s*$", index, re.M), pattern
-    assert re.search(r"^\*\s*$", index, re.M), "index.md must glob docs/*.md"
+_TOCTREE = re.compile(r"^```\{toctree\}\n(?P<body>.*?)^```", re.M | re.S)
+
+
+def _toctree_entries(page: Path) -> set[str]:
+    """The pages `page`'s toctrees list, as paths under docs/ without ``.md``."""
+    entries = set()
+    for m in _TOCTREE.finditer(page.read_text(encoding="utf-8")):
+        for line in m.group("body").splitlines():
+            line = line.strip()
+            if not line or line.startswith(":"):
+                continue
+            target = re.fullmatch(r".*<(.+)>", line)
+            name = target.group(1) if target else line
+            folder = page.parent.relative_to(DOCS)
+            entries.add(name.lstrip("/") if name.startswith("/") else str(folder / name).removeprefix("./"))
+    return entries
+
+
+def test_every_page_is_in_the_navigation() -> None:
+    listed = set().union(*(_toctree_entries(p) for p in _pages()))
+    pages = {str(p.relative_to(DOCS).with_suffix("")) for p in _pages()} - {"index"}
+    assert pages - listed == set(), f"pages in no toctree: {sorted(pages - listed)}"
+    assert listed - pages == set(), f"toctree entries with no page: {sorted(listed - pages)}"
 
 
 def test_docs_version_is_the_package_version() -> None:

@@ -14,8 +14,8 @@ from bnorm.functional import batch_norm, batch_norm_backward, batch_norm_forward
 X = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
 
 
-# --- the articles' worked examples (seeds.md §4) -----------------------------------
-def test_article000_arange15_integer_input():
+# --- the tutorials' worked examples -----------------------------------
+def test_from_scratch_tutorial_arange15_integer_input():
     y = batch_norm(np.arange(15).reshape(5, 3), None, None, training=True)
     assert y.dtype == np.float64
     col = np.array([-1.4142, -0.7071, 0.0, 0.7071, 1.4142])
@@ -23,7 +23,7 @@ def test_article000_arange15_integer_input():
         np.testing.assert_allclose(y[:, j], col, atol=1e-4)
 
 
-def test_article001_uniform_running_mean(rng):
+def test_pytorch_tutorial_uniform_running_mean(rng):
     x = rng.random((100, 16, 784))
     rm, rv = np.zeros(16), np.ones(16)
     batch_norm(x, rm, rv, training=True)
@@ -31,7 +31,7 @@ def test_article001_uniform_running_mean(rng):
     np.testing.assert_allclose(rm, 0.05, atol=1e-3)
 
 
-def test_article001_bn2d_first_element(rng):
+def test_pytorch_tutorial_bn2d_first_element(rng):
     x = rng.standard_normal((1, 2, 3, 4))
     w, b = np.array([1.5, -0.5]), np.array([0.25, 2.0])
     y = batch_norm(x, None, None, w, b, training=True)

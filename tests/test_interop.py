@@ -131,7 +131,7 @@ def test_from_torch_errors():
 
     with pytest.raises(
         TypeError,
-        match="must be a torch BatchNorm1d/2d/3d or SyncBatchNorm module, or a state dict, got Linear",
+        match=r"must be a PyTorch norm module \(BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d, RMSNorm\), a model \(torch.nn.Module\) containing them, or a state dict; got Linear \(test_interop\)",
     ):
         from_torch(Linear())
     with pytest.raises(
@@ -251,7 +251,7 @@ def test_from_keras_errors(keras):
         from_keras([np.ones((2, 2))] * 4)
     with pytest.raises(
         TypeError,
-        match="layer_or_weights must be a Keras BatchNormalization layer or the list of its weights, got dict",
+        match="layer_or_weights must be a Keras BatchNormalization layer, a Keras model containing them, or the list of a layer's weights; got dict",
     ):
         from_keras({"gamma": 1})
     with pytest.raises(ValueError, match="the Keras layer is not built"):

@@ -23,7 +23,10 @@ def test_defaults_as_pytorch():
     assert bn.num_batches_tracked.dtype == np.int64 and bn.num_batches_tracked.shape == ()
     assert bn.weight.dtype == np.float32 and bn.running_var.dtype == np.float32
     assert bn.gamma is bn.weight and bn.beta is bn.bias
-    assert repr(bn) == "BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)"
+    assert (
+        repr(bn)
+        == "BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)"
+    )
 
 
 def test_vector1_and_2_layer():
@@ -92,7 +95,7 @@ def test_explicit_arguments_override_preset(rng):
 
 @pytest.mark.parametrize("decay", [0.9, 0.99, 0.5])
 def test_decay_form_several_steps(rng, decay):
-    """Article 000/002/004 and d2l: moving = decay * moving + (1 - decay) * batch, biased."""
+    """The TF 1 and from-scratch tutorials and d2l: moving = decay * moving + (1 - decay) * batch, biased."""
     bn = bnorm.BatchNorm(3, decay=decay, unbiased_running_var=False, dtype=np.float64)
     rm, rv = np.zeros(3), np.ones(3)
     for _ in range(4):

@@ -1,6 +1,6 @@
 """Peak extra memory of the kernels (tracemalloc; deterministic, not timed).
 
-Issue #3: training forward and backward on (32, 64, 56, 56) float32 take at
+The speed targets: training forward and backward on (32, 64, 56, 56) float32 take at
 most 1.1x the input's bytes of extra memory, the returned array included --
 no full-size temporaries.  NumPy reports its data allocations to tracemalloc.
 """

@@ -258,7 +258,7 @@ def test_group_norm_c_groups_is_instance_norm(rng, shape):
 
 
 def test_instance_norm_is_batch_norm_of_each_sample(rng):
-    """Batch norm with batch size 1 is instance norm (article 001)."""
+    """Batch norm with batch size 1 is instance norm (the PyTorch tutorial's remark)."""
     x = _data(rng, (3, 4, 5, 2))
     w, b = rng.normal(size=4), rng.normal(size=4)
     y = instance_norm(x, weight=w, bias=b)
@@ -409,7 +409,7 @@ def test_group_norm_layer(rng):
     np.testing.assert_array_equal(dx, edx)
     np.testing.assert_array_equal(gn.grad_weight, edw)
     assert gn._parameters == ("weight", "bias") and gn._buffers == ()
-    assert repr(gn) == "GroupNorm(2, 6, eps=1e-05, affine=True)"
+    assert repr(gn) == "GroupNorm(2, 6, eps=1e-05, affine=True, bias=True)"
     assert bnorm.GroupNorm(3, 6, affine=False).weight is None
     assert bnorm.GroupNorm(3, 6, bias=False).bias is None
 
@@ -462,7 +462,10 @@ def test_instance_norm_default_layer_uses_input_stats_in_eval(rng):
     x = _data(rng, (2, 3, 6))
     np.testing.assert_array_equal(m(x), instance_norm(x))
     assert m.running_mean is None and m.weight is None
-    assert repr(m) == "InstanceNorm1d(3, eps=1e-05, momentum=0.1, affine=False, track_running_stats=False)"
+    assert (
+        repr(m)
+        == "InstanceNorm1d(3, eps=1e-05, momentum=0.1, affine=False, bias=False, track_running_stats=False)"
+    )
 
 
 def test_instance_norm_momentum_none_never_updates(rng):

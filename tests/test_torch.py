@@ -65,6 +65,7 @@ def test_layer_several_steps_against_torch(dim, dtype, momentum, affine, track):
 
 
 @pytest.mark.parametrize("seed", range(12))
+@pytest.mark.filterwarnings("ignore::bnorm.MomentumConventionWarning")  # any PyTorch momentum in [0, 1]
 def test_functional_random_configurations(seed):
     rng = np.random.default_rng(seed)
     ndim = int(rng.integers(2, 6))

@@ -7,8 +7,15 @@
 ((8, 3, 4, 4), 1)
 """
 
-from . import distributed, fold, functional, interop, preprocessing
-from ._conventions import CONVENTIONS, Convention
+from . import (
+    _requirements,  # noqa: F401  (first: an ImportError on NumPy < 2.0, before anything fails)
+    distributed,
+    fold,
+    functional,
+    interop,
+    preprocessing,
+)
+from ._conventions import CONVENTIONS, Convention, MomentumConventionWarning
 from ._version import __version__
 from .functional._kernels.pool import num_threads, set_num_threads
 from .io import load, save
@@ -32,6 +39,7 @@ __all__ = [
     "functional",
     "CONVENTIONS",
     "Convention",
+    "MomentumConventionWarning",
     "Module",
     "BatchNorm",
     "BatchNorm1d",

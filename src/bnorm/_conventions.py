@@ -5,8 +5,8 @@ docs):
 
 * **momentum** (PyTorch): the weight on the *new* batch,
   ``running = (1 - momentum) * running + momentum * batch``.
-* **decay** (Keras, TensorFlow, ONNX, Flax, d2l, CS231n, and the articles'
-  ``moving_momentum``): the weight on the *old* value,
+* **decay** (Keras, TensorFlow, ONNX, Flax, d2l, CS231n, and the from-scratch
+  tutorials' ``moving_momentum``): the weight on the *old* value,
   ``running = decay * running + (1 - decay) * batch``.
 
 ``decay = d`` is the same average as ``momentum = 1 - d``; bnorm evaluates each in
@@ -15,17 +15,85 @@ its own form, so results agree with the framework number for number.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from ._validation import check_fraction
+from ._validation import check_call, check_fraction, warn_caller
 
-__all__ = ["CONVENTIONS", "Convention", "RunningAverage", "resolve_layer_convention", "records_explicit"]
+__all__ = [
+    "CONVENTIONS",
+    "Convention",
+    "MomentumConventionWarning",
+    "RunningAverage",
+    "check_momentum",
+    "deliberate_momentum",
+    "resolve_layer_convention",
+    "records_explicit",
+]
+
+
+class MomentumConventionWarning(UserWarning):
+    """A PyTorch-style ``momentum`` in (0.5, 1) that looks like a Keras/TensorFlow decay.
+
+    Keras, TensorFlow, ONNX, Flax and d2l call the weight on the *old* value
+    "momentum" (0.99, 0.9); bnorm's ``momentum`` is PyTorch's weight on the *new*
+    batch (0.1).  Pass the value as ``decay=`` to say which one you mean, or
+    silence the warning with the standard filters::
+
+        warnings.filterwarnings("ignore", category=bnorm.MomentumConventionWarning)
+
+    It is a UserWarning, so Python's default filter shows it once per calling
+    line: a layer built in a loop warns once, a second mistaken line warns again.
+    (Once per process would hide the second line, and would make the warning
+    depend on what ran before.)  Where the value is PyTorch's by construction --
+    :func:`bnorm.interop.from_torch`, :func:`bnorm.load`, conversions between
+    bnorm layers -- there is no warning.
+    """
+
+
+_WARN_DECAY_LOOK = contextvars.ContextVar("bnorm_warn_decay_look", default=True)
+
+
+@contextlib.contextmanager
+def deliberate_momentum() -> Iterator[None]:
+    """Build layers whose momentum is PyTorch's by construction, without the warning.
+
+    For :func:`bnorm.interop.from_torch` (the value comes from a PyTorch
+    module), :func:`bnorm.load` (the layer was built, and warned about, when it
+    was saved) and conversions between bnorm layers.
+    """
+    token = _WARN_DECAY_LOOK.set(False)
+    try:
+        yield
+    finally:
+        _WARN_DECAY_LOOK.reset(token)
+
+
+def check_momentum(value: Any, name: str = "momentum", *, allow_none: bool = True) -> float | None:
+    """A PyTorch momentum in [0, 1] (None where allowed); warn when it looks like a decay.
+
+    A value strictly between 0.5 and 1 keeps less than half of the running
+    statistics per batch -- legal, but almost always a Keras ``momentum=0.99``
+    written where PyTorch's convention is meant.
+    """
+    v = check_fraction(value, name, allow_none=allow_none)
+    if v is not None and 0.5 < v < 1.0 and _WARN_DECAY_LOOK.get():
+        warn_caller(
+            f"{name}={value!r} looks like a Keras/TensorFlow momentum (the weight on the old value); "
+            f"bnorm's {name} is PyTorch's weight on the new batch, so the running statistics would "
+            f"follow each batch almost entirely. For Keras' momentum={value!r} write decay={value!r} "
+            f"(or {name}={1.0 - v:.12g}); if you mean PyTorch's {name}={value!r}, silence this with "
+            'warnings.filterwarnings("ignore", category=bnorm.MomentumConventionWarning)',
+            MomentumConventionWarning,
+        )
+    return v
 
 
 @dataclass(frozen=True)
@@ -70,7 +138,7 @@ class RunningAverage:
         """Validate a momentum/decay pair; the caller has already excluded 'both given'."""
         if decay is not None:
             return cls(momentum=None, decay=check_fraction(decay, "decay"))
-        return cls(momentum=check_fraction(momentum, "momentum", allow_none=allow_cumulative), decay=None)
+        return cls(momentum=check_momentum(momentum, allow_none=allow_cumulative), decay=None)
 
     @property
     def cumulative(self) -> bool:
@@ -106,9 +174,11 @@ def records_explicit(init: F) -> F:
     (``**kwargs``), or every preset value will look explicit.
     """
     sig = inspect.signature(init)
+    unbound = sig.replace(parameters=list(sig.parameters.values())[1:])
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_call(type(self).__name__, unbound, args, kwargs)
         explicit = frozenset(sig.bind(self, *args, **kwargs).arguments) - {"self"}
         # The innermost decorated __init__ that runs first (a subclass's) wins.
         if not hasattr(self, "_explicit_args"):

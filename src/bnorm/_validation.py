@@ -7,12 +7,22 @@ entry point runs all of them before it touches a buffer or a counter.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
+import os
+import sys
+import warnings
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "as_float_input",
+    "check_bool",
+    "check_call",
+    "channels_last_hint",
+    "warn_caller",
     "check_positive_int",
     "shape_text",
     "check_fraction",
@@ -30,6 +40,100 @@ def describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"array of shape {value.shape} and dtype {value.dtype}"
     return type(value).__name__
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A flag (`training`, `affine`, ...): a real bool or ``np.bool_``, never a truthy stand-in.
+
+    ``training="False"`` is a non-empty string, so ``bool()`` of it is True: a
+    flag that accepted it would train when the caller asked not to.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        hint = ""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            hint = f" (write {value.strip().capitalize()} without quotes)"
+        elif isinstance(value, (int, np.integer)) and value in (0, 1):
+            hint = f" (write {bool(value)})"
+        shown = f" {value!r}" if isinstance(value, (str, int, float, np.generic, type(None))) else ""
+        raise TypeError(f"{name} must be a bool, got {describe(value)}{shown}{hint}")
+    return bool(value)
+
+
+def channels_last_hint(shape: tuple[int, ...], num_channels: int, axis: int) -> str:
+    """A suggestion to append to a channel-count error, or "".
+
+    When the channels are not on `axis` but the input's last axis has exactly
+    `num_channels` entries, the input is most likely channels-last (NHWC, as
+    Keras and TensorFlow lay images out): say so and how to pass it.
+    """
+    ndim = len(shape)
+    if ndim < 2 or axis in (-1, ndim - 1) or shape[-1] != num_channels:
+        return ""
+    order = (0, ndim - 1, *range(1, ndim - 1))
+    return (
+        f"; its last axis has {num_channels} entries, so it looks channels-last: pass axis=-1 "
+        f"(channels-last) or transpose it to channels-first with x.transpose{order}"
+    )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """Warn with the location of the first frame outside bnorm (the user's line).
+
+    A fixed ``stacklevel`` would point into bnorm whenever a subclass or a
+    wrapper adds a frame; the warnings module's per-location "once" then keys on
+    the user's line, so one mistaken line warns once however often it runs.
+    """
+    level = 2  # 1 is this function; 2 its caller, the frame below
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _keyword_names(sig: inspect.Signature) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in sig.parameters.items() if p.kind in kinds and n != "self"]
+
+
+def check_call(name: str, sig: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise Python's own TypeError for a bad call of `name`, with the closest keyword.
+
+    `sig` is the signature without ``self``.  ``BatchNorm2d(3, momentun=0.1)``
+    raises ``BatchNorm2d() got an unexpected keyword argument 'momentun'; did
+    you mean 'momentum'?`` -- naming the class the user typed (not a base
+    class's ``__init__``), from the user's call rather than from inside
+    :mod:`inspect`.
+    """
+    params = sig.parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keywords = _keyword_names(sig)
+    if not accepts_any:
+        for key in kwargs:
+            if key not in keywords:
+                close = difflib.get_close_matches(key, keywords, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(keywords)})"
+                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{hint}")
+    positional = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(args) > len(positional) and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+        raise TypeError(
+            f"{name}() takes {len(positional)} positional arguments ({', '.join(positional)}) but "
+            f"{len(args)} were given; pass the others by keyword"
+        )
+    for n in positional[: len(args)]:
+        if n in kwargs:
+            raise TypeError(f"{name}() got multiple values for argument {n!r}")
+    given = set(positional[: len(args)]) | set(kwargs)
+    for n, p in params.items():
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in given:
+            raise TypeError(f"{name}() missing required argument {n!r}")
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -89,7 +193,7 @@ def check_eps(eps: Any, *, training: bool) -> float:
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"eps must be a positive number, got {describe(eps)}")
     v = float(eps)
-    if not np.isfinite(v) or v < 0:
+    if not math.isfinite(v) or v < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if training and v == 0:
         raise ValueError(
@@ -109,8 +213,13 @@ def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
     return a % ndim
 
 
-def check_channel_vector(value: Any, name: str, num_channels: int, axis: int) -> np.ndarray | None:
-    """A per-channel parameter (weight, bias, or a running buffer read in eval)."""
+def check_channel_vector(
+    value: Any, name: str, num_channels: int, axis: int, input_shape: tuple[int, ...] = ()
+) -> np.ndarray | None:
+    """A per-channel parameter (weight, bias, or a running buffer read in eval).
+
+    With `input_shape`, a length that fits the input's last axis suggests ``axis=-1``.
+    """
     if value is None:
         return None
     arr = np.asarray(value)
@@ -119,11 +228,18 @@ def check_channel_vector(value: Any, name: str, num_channels: int, axis: int) ->
     if arr.shape != (num_channels,):
         raise ValueError(
             f"{name} must have shape ({num_channels},) to match input.shape[{axis}], got {arr.shape}"
+            + _length_hint(arr.shape, input_shape, axis)
         )
     return arr
 
 
-def check_buffer(value: Any, name: str, num_channels: int, axis: int) -> np.ndarray:
+def _length_hint(vector_shape: tuple[int, ...], input_shape: tuple[int, ...], axis: int) -> str:
+    return channels_last_hint(input_shape, vector_shape[0], axis) if len(vector_shape) == 1 else ""
+
+
+def check_buffer(
+    value: Any, name: str, num_channels: int, axis: int, input_shape: tuple[int, ...] = ()
+) -> np.ndarray:
     """A running buffer that training updates in place: a writable floating ndarray."""
     if not isinstance(value, np.ndarray):
         raise TypeError(
@@ -135,6 +251,7 @@ def check_buffer(value: Any, name: str, num_channels: int, axis: int) -> np.ndar
     if value.shape != (num_channels,):
         raise ValueError(
             f"{name} must have shape ({num_channels},) to match input.shape[{axis}], got {value.shape}"
+            + _length_hint(value.shape, input_shape, axis)
         )
     if not value.flags.writeable:
         raise ValueError(f"{name} must be writeable to be updated in place")

@@ -1,8 +1,28 @@
-"""The ``bnorm`` command line: ``bnorm demo`` (also ``python -m bnorm demo``).
+"""The ``bnorm`` command line: ``bnorm demo``, ``bnorm stats``, ``bnorm --version`` (``python -m bnorm``).
 
 ``bnorm demo`` trains a network with and without batch normalization on the
 same data and prints when each reaches a target accuracy -- Figure 1 of Ioffe &
-Szegedy (2015); see :mod:`bnorm.demo` and docs/demo.md.
+Szegedy (2015); see :mod:`bnorm.demo` and docs/demo.md.  ``bnorm stats PATH``
+prints the exact per-channel statistics of a dataset on disk; see
+:mod:`bnorm.stats.command` and docs/stats-cli.md.
+
+Every argument is checked before any work starts, and every failure is one
+line on stderr, ``bnorm <command>: <what went wrong and how to fix it>``, with
+an exit status a script can test:
+
+====  ==========================================================================
+0     success
+1     the run failed: missing optional packages, or an output could not be
+      written after the work was done
+2     usage error: a bad flag or value, an unreadable ``--data``, an ``--out`` or
+      ``--json`` that cannot be written (all detected before any work)
+3     ``bnorm stats`` only: the data cannot give statistics (nothing readable,
+      mixed channel counts, ...; see :mod:`bnorm.stats.command`)
+130   interrupted (Ctrl-C); nothing half-written is left behind
+====  ==========================================================================
+
+Commands are registered in one place, :data:`COMMANDS`: each is a
+:class:`Command` with a function that adds its arguments and one that runs it.
 """
 
 from __future__ import annotations
@@ -10,15 +30,70 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-__all__ = ["DEMO_INSTALL_HINT", "main", "missing_demo_packages"]
+from ._version import __version__
 
-#: What to run when the demo's optional packages are missing.
-DEMO_INSTALL_HINT = 'pip install "bnorm[demo]"'
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "DEMO_INSTALL_HINT",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "UsageError",
+    "main",
+    "missing_demo_packages",
+]
+
+#: Exit statuses (see the module docstring).
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+#: What to run when the demo's optional packages are missing: the first line for
+#: an installed bnorm, the second in the root of a clone of the repository.
+DEMO_INSTALL_HINT = (
+    'pip install "bnorm[demo]"        # bnorm installed from a package index\n'
+    'pip install -e ".[demo]"         # in the root of a clone of the repository'
+)
 
 _N = TypeVar("_N", int, float)
+
+
+class UsageError(Exception):
+    """A command-line value that cannot work; :func:`main` prints it and exits with status 2."""
+
+
+class _RunError(Exception):
+    """A failure while running; :func:`main` prints it and exits with status 1."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``bnorm`` subcommand.
+
+    Attributes
+    ----------
+    name : str
+        What the user types after ``bnorm``.
+    help : str
+        One line for ``bnorm --help``.
+    add_arguments : callable
+        ``add_arguments(parser)`` adds the command's flags to its subparser.
+    run : callable
+        ``run(args) -> int``, the exit status; raises :class:`UsageError` for
+        a bad value found before the work starts.
+    description : str
+        The paragraph of ``bnorm <name> --help``.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
 
 
 def missing_demo_packages(need_sklearn: bool = True) -> list[str]:
@@ -26,8 +101,8 @@ def missing_demo_packages(need_sklearn: bool = True) -> list[str]:
 
     Examples
     --------
-    >>> missing_demo_packages()
-    []
+    >>> isinstance(missing_demo_packages(), list)
+    True
     """
     wanted = [("matplotlib", "matplotlib"), ("tqdm", "tqdm")]
     if need_sklearn:
@@ -59,25 +134,42 @@ def _parsed(convert: Callable[[str], _N], ok: Callable[[_N], bool], expected: st
 _positive_int = _parsed(int, lambda v: v > 0, "a positive integer")
 _nonnegative_int = _parsed(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _parsed(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+_accuracy = _parsed(float, lambda v: 0 < v <= 1, "an accuracy in (0, 1], such as 0.9")
 
 
-def _parser() -> argparse.ArgumentParser:
+# -- output paths: checked before the work, written atomically after it ------------------------
+def _writable_dir(path: str, flag: str) -> str:
+    """Create `path` if needed and prove a file can be created in it; UsageError otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} must be a directory, got the file {path!r}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bnorm-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write to {path!r}: {err.strerror or err}") from None
+    return path
+
+
+def _writable_file(path: str, flag: str) -> str:
+    """`path` names a file that can be written (its directory created if needed); UsageError otherwise."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} must be a file path, got the directory {path!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UsageError(f"{flag}: cannot write {path!r}: {parent!r} is a file, not a directory")
+    try:
+        _writable_dir(parent, flag)
+    except UsageError:
+        raise UsageError(f"{flag}: cannot write {path!r}: its directory {parent!r} is not writable") from None
+    return path
+
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     from .demo.experiment import DEFAULTS
 
-    parser = argparse.ArgumentParser(prog="bnorm", description="bnorm: batch normalization in pure NumPy.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mlp, cnn = DEFAULTS["mlp"], DEFAULTS["cnn"]
-    demo = sub.add_parser(
-        "demo",
-        help="train with and without batch norm (Ioffe & Szegedy 2015, Figure 1)",
-        description=(
-            "Train the same network with and without batch normalization (bnorm's "
-            "BatchNorm1d/BatchNorm2d) from the same initial weights on the same batches, "
-            "and report test accuracy over training, the steps each needs to reach a target "
-            "accuracy, and Figure 1 of Ioffe & Szegedy (2015) as a PNG. Data: scikit-learn's "
-            "bundled 8x8 digits (nothing is downloaded) or --data mnist.npz."
-        ),
-    )
     demo.add_argument(
         "--model",
         choices=("mlp", "cnn"),
@@ -101,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--target",
-        type=_positive_float,
+        type=_accuracy,
         default=None,
         help=f"test accuracy for 'steps to reach' (default mlp {mlp.target:g}, cnn {cnn.target:g})",
     )
@@ -121,62 +213,72 @@ def _parser() -> argparse.ArgumentParser:
         help="a standard mnist.npz (x_train, y_train, x_test, y_test) instead of the 8x8 digits",
     )
     demo.add_argument(
-        "--out", metavar="DIR", default=".", help="directory for the PNG (default: current directory)"
+        "--out",
+        metavar="DIR",
+        default="bnorm-demo",
+        help="directory for the figure and the JSON, created if missing (default: bnorm-demo)",
     )
     demo.add_argument(
         "--json",
         metavar="PATH",
         default=None,
-        help='also write {"bn": {"steps", "test_accuracy", "percentiles"}, "plain": {...}} to PATH',
+        help="write the JSON (configuration, version, steps to target, curves) here instead of "
+        "DIR/bnorm-demo-<model>.json",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
     missing = missing_demo_packages(need_sklearn=args.data is None)
     if missing:
-        print(
-            f"bnorm demo needs {', '.join(missing)} (the demo extras); install them with:\n"
-            f"    {DEMO_INSTALL_HINT}",
-            file=sys.stderr,
+        hint = DEMO_INSTALL_HINT.replace("\n", "\n    ")
+        raise _RunError(
+            f"needs {', '.join(missing)} (the demo extras); install them with one of:\n    {hint}"
         )
-        return 1
     from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
-    from .demo.data import load_mnist_npz
+    from .demo.data import load_digits, load_mnist_npz
     from .demo.experiment import DEFAULTS, run_experiment
     from .demo.report import (
         describe_run,
         figure_name,
         format_speedup,
         format_table,
+        json_name,
         plot_figure,
         write_json,
     )
 
+    # Everything is checked here, before the progress bar and the first step.
     try:
-        data = None if args.data is None else load_mnist_npz(args.data)
+        data = load_digits(args.seed) if args.data is None else load_mnist_npz(args.data)
     except (OSError, ValueError) as exc:
-        print(f"bnorm demo: {exc}", file=sys.stderr)
-        return 2
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"bnorm demo: --out must be a directory, got the file {args.out!r}", file=sys.stderr)
-        return 2
-    if args.json is not None and os.path.isdir(args.json):
-        print(f"bnorm demo: --json must be a file path, got the directory {args.json!r}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
+    if args.batch_size > len(data.y_train):
+        raise UsageError(
+            f"--batch-size must be at most the {len(data.y_train)} training images, got {args.batch_size}"
+        )
+    if args.model == "cnn" and any(d % 4 for d in data.image_shape):
+        raise UsageError(
+            f"--model cnn needs images whose height and width are divisible by 4 (two 2x2 poolings), "
+            f"got {data.image_shape[0]}x{data.image_shape[1]} from {args.data}; use --model mlp"
+        )
+    out = _writable_dir(args.out, "--out")
+    json_path = _writable_file(
+        os.path.join(out, json_name(args.model)) if args.json is None else args.json, "--json"
+    )
+
     cfg = DEFAULTS[args.model]
     steps = args.steps if args.steps is not None else (cfg.quick_steps if args.quick else cfg.steps)
-    try:
-        with tqdm(
-            total=steps,
-            desc=f"demo {args.model} (with and without BN)",
-            unit="step",
-            file=sys.stderr,
-            disable=args.no_progress,
-            leave=False,
-        ) as bar:
+    with tqdm(
+        total=steps,
+        desc=f"demo {args.model} (with and without BN)",
+        unit="step",
+        file=sys.stderr,
+        disable=args.no_progress,
+        leave=False,
+    ) as bar:
+        try:
             result = run_experiment(
                 args.model,
                 steps=steps,
@@ -187,11 +289,13 @@ def _demo(args: argparse.Namespace) -> int:
                 target=args.target,
                 progress=bar.update,
             )
-    except ValueError as exc:
-        print(f"bnorm demo: {exc}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
-    png = plot_figure(result, os.path.join(args.out, figure_name(args.model)))
+        except ValueError as exc:  # every value was checked above; this is a safety net
+            raise UsageError(str(exc)) from None
+    try:
+        png = plot_figure(result, os.path.join(out, figure_name(args.model)))
+        written_json = write_json(result, json_path)
+    except OSError as err:
+        raise _RunError(f"cannot write {err.filename or 'the results'!r}: {err.strerror or err}") from None
     print(describe_run(result))
     print(
         f"test accuracy ({len(result.histories['bn'].steps)} checkpoints; batch norm in evaluation mode):\n"
@@ -201,10 +305,63 @@ def _demo(args: argparse.Namespace) -> int:
     print(format_speedup(result))
     print(f"trained both variants in {result.seconds:.1f} s")
     print(f"figure: {png}")
-    if args.json is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        print(f"json: {write_json(result, args.json)}")
+    print(f"json: {written_json}")
     return 0
+
+
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    from .stats.command import add_arguments  # imported when used: bnorm.stats imports this module
+
+    add_arguments(parser)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .stats.command import run
+
+    return run(args)
+
+
+#: The subcommands, in the order ``bnorm --help`` lists them.  Add a command here.
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "demo",
+        "train with and without batch norm (Ioffe & Szegedy 2015, Figure 1)",
+        _demo_arguments,
+        _demo,
+        description=(
+            "Train the same network with and without batch normalization (bnorm's "
+            "BatchNorm1d/BatchNorm2d) from the same initial weights on the same batches, "
+            "and report test accuracy over training, the steps each needs to reach a target "
+            "accuracy, and Figure 1 of Ioffe & Szegedy (2015) as a PNG, with a JSON record of "
+            "the run. Data: scikit-learn's bundled 8x8 digits (nothing is downloaded) or "
+            "--data mnist.npz. Exit status: 0 success, 1 failure, 2 usage error, 130 interrupted."
+        ),
+    ),
+    Command(
+        "stats",
+        "exact per-channel mean and std of a folder of images or arrays",
+        _stats_arguments,
+        _stats,
+    ),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``bnorm demo: error: ... (see bnorm demo --help)``."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnorm", description="bnorm: batch normalization in pure NumPy.")
+    parser.add_argument("--version", action="version", version=f"bnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_arguments(
+            sub.add_parser(command.name, help=command.help, description=command.description or command.help)
+        )
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,16 +369,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Examples
     --------
-    >>> main(["demo", "--help"])  # doctest: +ELLIPSIS
-    usage: bnorm demo ...
+    >>> main(["--version"])  # doctest: +ELLIPSIS
+    bnorm ...
     0
     """
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2)
         return int(exc.code or 0)
-    if args.command == "demo":
-        return _demo(args)
-    parser.print_help(sys.stderr)
-    return 2
+    commands: dict[str, Command] = {c.name: c for c in COMMANDS}
+    if args.command not in commands:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    prefix = f"bnorm {args.command}"
+    status: Any
+    try:
+        status = commands[args.command].run(args)
+    except UsageError as err:
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except _RunError as err:
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(status)

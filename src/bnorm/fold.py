@@ -154,7 +154,7 @@ def fold_linear(weight: Any, bias: Any, bn: Any) -> tuple[np.ndarray, np.ndarray
     >>> bn = bnorm.BatchNorm1d(4, dtype=np.float64)
     >>> _ = bn(rng.normal(size=(8, 4)))                  # some running statistics
     >>> bn.eval()
-    BatchNorm1d(4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, dtype=float64)
+    BatchNorm1d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True, dtype=float64)
     >>> w2, b2 = fold_linear(w, None, bn)
     >>> bool(np.allclose(x @ w2.T + b2, bn(x @ w.T)))
     True

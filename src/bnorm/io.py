@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ._conventions import deliberate_momentum
 from ._convert import to_numpy
 from .layers._base import Module
 
@@ -202,7 +203,7 @@ def save(path: PathLike, obj: Any) -> None:
     ['__bnorm__', 'extra/step', 'stem/bn/bias']
     >>> back = bnorm.load(path)
     >>> back["stem"]["bn"], back["stem"]["bn"].training, int(back["extra"]["step"])
-    (BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True), False, 7)
+    (BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True), False, 7)
     """
     if not isinstance(obj, (Module, Mapping)):
         raise TypeError(
@@ -279,7 +280,8 @@ class _Reader:
             )
         cls = classes[name]
         try:
-            layer = cls(**config)
+            with deliberate_momentum():  # warned about when it was built, not again on load
+                layer = cls(**config)
         except (TypeError, ValueError) as err:
             raise ValueError(
                 f"{self.path}: cannot rebuild the {name} at {where} from its saved arguments ({err}); "
@@ -370,7 +372,7 @@ def load(path: PathLike, *, rebuild: bool = True) -> Any:
     >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]]))
     >>> bnorm.save(path, bn)
     >>> bnorm.load(path)
-    BatchNorm1d(2, eps=1e-05, momentum=None, affine=True, track_running_stats=True, dtype=float64)
+    BatchNorm1d(2, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True, dtype=float64)
     >>> bnorm.load(path, rebuild=False)["running_var"]
     array([ 4., 16.])
     """

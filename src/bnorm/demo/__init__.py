@@ -20,8 +20,9 @@ Submodules
     The table, steps-to-target, JSON and the three-panel PNG.
 
 The command line is :func:`bnorm.cli.main`.  The demo needs the optional
-packages of ``pip install "bnorm[demo]"`` (scikit-learn, matplotlib, tqdm);
-importing this package does not.
+packages of ``pip install "bnorm[demo]"`` (``pip install -e ".[demo]"`` in a
+clone of the repository): scikit-learn, matplotlib, tqdm; importing this
+package does not.
 
 Examples
 --------
@@ -46,6 +47,9 @@ from .experiment import (
     build_mlp,
     run_experiment,
 )
+
+# The examples train on scikit-learn's bundled digits (see the repository's src/conftest.py).
+__doctest_requires__ = {"*": ("sklearn",)}
 
 __all__ = [
     "DEFAULTS",

@@ -1,8 +1,8 @@
 r"""Datasets for the demo: scikit-learn's bundled 8x8 digits, or a local ``mnist.npz``.
 
 Images are returned as float32 arrays of shape (N, H, W) scaled to [-1, 1]
-(``x / max * 2 - 1``, max = 16 for the digits and 255 for MNIST, as article
-000's ``(x/255 - 0.5)/0.5``), labels as int64 arrays of shape (N,).
+(``x / max * 2 - 1``, max = 16 for the digits and 255 for MNIST, as the
+from-scratch tutorials' ``(x/255 - 0.5)/0.5``), labels as int64 arrays of shape (N,).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# The example loads scikit-learn's bundled digits (see the repository's src/conftest.py).
+__doctest_requires__ = {"load_digits": ("sklearn",)}
 
 __all__ = ["Dataset", "load_digits", "load_mnist_npz", "scale_images"]
 

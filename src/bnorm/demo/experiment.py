@@ -36,6 +36,9 @@ from .nn import (
     softmax_cross_entropy,
 )
 
+# The examples train on scikit-learn's bundled digits (see the repository's src/conftest.py).
+__doctest_requires__ = {"*": ("sklearn",)}
+
 __all__ = [
     "DEFAULTS",
     "PERCENTILES",
@@ -158,11 +161,11 @@ def build_cnn(
     channels: tuple[int, int] = (8, 16),
     dtype: DTypeLike = np.float32,
 ) -> tuple[Sequential, int]:
-    """Article 000's CNN sized for small images: two conv 3x3 blocks and a linear layer.
+    """The from-scratch tutorials' MNIST CNN sized for small images: two conv 3x3 blocks and a linear layer.
 
     conv 3x3 (pad 1) [-> BatchNorm2d] -> ReLU -> max-pool 2 -> conv 3x3 (pad 1)
-    [-> BatchNorm2d] -> ReLU -> max-pool 2 -> flatten -> linear.  (Article 000
-    uses a 5x5 second conv on 28x28 MNIST; on 8x8 digits the second conv sees
+    [-> BatchNorm2d] -> ReLU -> max-pool 2 -> flatten -> linear.  (The tutorials
+    use a 5x5 second conv on 28x28 MNIST; on 8x8 digits the second conv sees
     4x4 maps, so it is 3x3 here.)  H and W must be divisible by 4.
 
     Parameters
@@ -259,6 +262,8 @@ class ExperimentResult:
     seconds : float
         Wall-clock training time (not part of :meth:`to_json`: the JSON is
         deterministic for a seed).
+    checkpoints : int
+        Evaluations per decade of steps (see :class:`Settings`).
     """
 
     model: str
@@ -270,10 +275,40 @@ class ExperimentResult:
     target: float
     histories: dict[str, History]
     seconds: float = 0.0
+    checkpoints: int = 20
+
+    def steps_to_target(self) -> dict[str, int | None]:
+        """``{"bn": step, "plain": step}``: each variant's first checkpoint at or above the target."""
+        return {v: self.histories[v].steps_to(self.target) for v in VARIANTS}
 
     def to_json(self) -> dict[str, Any]:
-        """``{"bn": {...}, "plain": {...}}`` as in :meth:`History.to_json`."""
-        return {v: self.histories[v].to_json() for v in VARIANTS}
+        """Everything needed to reproduce and read the run, as JSON values.
+
+        ``{"bnorm_version", "config": {"model", "data", "steps", "lr", "batch_size",
+        "seed", "target", "checkpoints", "optimizer"}, "steps_to_target": {"bn",
+        "plain"}, "bn": {...}, "plain": {...}}`` with the curves as in
+        :meth:`History.to_json`; a step to target that was not reached is null.
+        """
+        from .._version import __version__
+
+        config = {
+            "model": self.model,
+            "data": self.dataset,
+            "steps": self.steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "target": self.target,
+            "checkpoints": self.checkpoints,
+            "optimizer": "SGD (no momentum, no weight decay), softmax cross-entropy",
+        }
+        doc: dict[str, Any] = {
+            "bnorm_version": __version__,
+            "config": config,
+            "steps_to_target": self.steps_to_target(),
+        }
+        doc.update((v, self.histories[v].to_json()) for v in VARIANTS)
+        return doc
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -350,8 +385,8 @@ def run_experiment(
     Parameters
     ----------
     model : {'mlp', 'cnn'}, default 'mlp'
-        The paper's 3x100 sigmoid MLP (:func:`build_mlp`) or the articles'
-        small CNN (:func:`build_cnn`).
+        The paper's 3x100 sigmoid MLP (:func:`build_mlp`) or the from-scratch
+        tutorials' small CNN (:func:`build_cnn`).
     steps : int or None
         SGD steps; None takes ``DEFAULTS[model].steps`` (``quick_steps`` with `quick`).
     lr : float or None
@@ -387,8 +422,8 @@ def run_experiment(
     Examples
     --------
     >>> r = run_experiment("mlp", steps=20, checkpoints=2)
-    >>> r.histories["bn"].steps, sorted(r.to_json())
-    ([0, 10, 20], ['bn', 'plain'])
+    >>> r.histories["bn"].steps, list(r.to_json())
+    ([0, 10, 20], ['bnorm_version', 'config', 'steps_to_target', 'bn', 'plain'])
     """
     if model not in DEFAULTS:
         raise ValueError(f"model must be one of {', '.join(map(repr, DEFAULTS))}, got {model!r}")
@@ -468,4 +503,5 @@ def run_experiment(
         target=float(target),
         histories=histories,
         seconds=time.perf_counter() - start,
+        checkpoints=int(n_ckpt),
     )

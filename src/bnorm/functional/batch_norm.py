@@ -18,6 +18,7 @@ import numpy as np
 from .._conventions import RunningAverage
 from .._validation import (
     as_float_input,
+    check_bool,
     check_buffer,
     check_channel_vector,
     check_eps,
@@ -110,6 +111,24 @@ class BatchNormContext:
     input_overwritten: bool = False
 
 
+_RUNNING: dict[tuple[float | None, float | None], RunningAverage] = {}
+
+
+def _running_average(momentum: Any, decay: Any) -> RunningAverage:
+    """``RunningAverage.from_args`` for the functional API, remembered for plain floats.
+
+    Validating and building the frozen dataclass costs ~1.5 us, a tenth of a
+    small call; the same (momentum, decay) pair comes back every step.
+    """
+    plain = type(momentum) in (float, type(None)) and type(decay) in (float, type(None))
+    if plain and (momentum, decay) in _RUNNING:
+        return _RUNNING[(momentum, decay)]
+    running = RunningAverage.from_args(momentum, decay, allow_cumulative=False)
+    if plain and len(_RUNNING) < 64:
+        _RUNNING[(momentum, decay)] = running
+    return running
+
+
 def _check_policy(on_nonfinite: Any) -> None:
     if on_nonfinite not in _NONFINITE_POLICIES:
         raise ValueError(
@@ -149,20 +168,21 @@ def _forward(
     ax = normalize_axis(axis, x.ndim)
     c = x.shape[ax]
     _check_policy(on_nonfinite)
-    batch_stats = bool(training) or running_mean is None or running_var is None
+    training = check_bool(training, "training")
+    batch_stats = training or running_mean is None or running_var is None
     if not training and require_eval_stats:
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if buf is None:
                 raise ValueError(f"{name} must be defined in evaluation mode")
     eps_f = check_eps(eps, training=batch_stats)
-    w = check_channel_vector(weight, "weight", c, ax)
-    b = check_channel_vector(bias, "bias", c, ax)
+    w = check_channel_vector(weight, "weight", c, ax, x.shape)
+    b = check_channel_vector(bias, "bias", c, ax, x.shape)
     if training:
-        rm = None if running_mean is None else check_buffer(running_mean, "running_mean", c, ax)
-        rv = None if running_var is None else check_buffer(running_var, "running_var", c, ax)
+        rm = None if running_mean is None else check_buffer(running_mean, "running_mean", c, ax, x.shape)
+        rv = None if running_var is None else check_buffer(running_var, "running_var", c, ax, x.shape)
     else:
-        rm = check_channel_vector(running_mean, "running_mean", c, ax)
-        rv = check_channel_vector(running_var, "running_var", c, ax)
+        rm = check_channel_vector(running_mean, "running_mean", c, ax, x.shape)
+        rv = check_channel_vector(running_var, "running_var", c, ax, x.shape)
     out_dtype = x.dtype
     y = empty_output(x.shape, out_dtype) if out is None else check_out(out, x.shape, out_dtype)
     x3 = channel_view(x, ax)
@@ -173,12 +193,19 @@ def _forward(
         )
     gamma = None if w is None else w.astype(np.float64)
     beta = None if b is None else b.astype(np.float64)
-    mean = invstd = var = None
+    mean: np.ndarray | None = None
+    invstd: np.ndarray | None = None
+    var: np.ndarray | None = None
+    written = False  # y holds the output already
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if not batch_stats:
+            assert rm is not None and rv is not None
+            mean = rm.astype(np.float64)
+            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
         # Which kernels serve this call: see bnorm.functional._kernels.kernel_for.
         if reducer is None and kernel_for("batch_norm", x3) == "direct":
             x2, y2 = x3.reshape(a, -1), y.reshape(a, -1)
-            if np.may_share_memory(x2, y2):
+            if out is not None and np.may_share_memory(x2, y2):
                 x2 = x2.copy()  # out= over the input: a small copy keeps the bits of out=None
             if batch_stats:
                 # Into a scratch array where out= must stay untouched until the stats are known.
@@ -186,14 +213,11 @@ def _forward(
                 stats = _direct.forward_batch(x2, nb, y2, d2, gamma, beta, eps_f)
                 if stats is not None:
                     mean, var, invstd = stats
+                    written = True
             else:
-                assert rm is not None and rv is not None
-                mean = rm.astype(np.float64)
-                invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
-                if not _direct.forward_eval(x2, nb, y2, mean, invstd, gamma, beta):
-                    mean = None
-        written = mean is not None
-        if not written and batch_stats:
+                assert mean is not None and invstd is not None
+                written = _direct.forward_eval(x2, nb, y2, mean, invstd, gamma, beta)
+        if batch_stats and not written:
             # float32 sums within rows (float64 across): statistics within float32 rounding, 2-3x faster.
             local = channel_moments(x3, accumulate="compute")
             moments = local if reducer is None else reducer.moments(local)
@@ -205,10 +229,6 @@ def _forward(
             mean = moments.mean
             var = moments.var(ddof=0) if moments.count > 0 else np.zeros(c)
             invstd = 1.0 / np.sqrt(var + eps_f)
-        elif not written:
-            assert rm is not None and rv is not None
-            mean = rm.astype(np.float64)
-            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps_f)
     assert mean is not None and invstd is not None
     n = (moments.count if not written else a * nb) if batch_stats else 0
 
@@ -316,7 +336,7 @@ def batch_norm_forward(
             "momentum=None (the cumulative average) needs a batch counter: use a BatchNorm layer, "
             "or pass momentum=1/num_batches_tracked"
         )
-    running = RunningAverage.from_args(momentum, decay, allow_cumulative=False)
+    running = _running_average(momentum, decay)
     if not isinstance(unbiased_running_var, (bool, np.bool_)):
         raise TypeError(f"unbiased_running_var must be a bool, got {type(unbiased_running_var).__name__}")
     return _forward(
@@ -388,7 +408,7 @@ def batch_norm(
         Added to the variance; > 0 in training, >= 0 in evaluation.
     decay : float in [0, 1] or None
         The weight on the *old* running value (Keras/TF/ONNX/Flax/d2l
-        ``momentum``, the articles' ``decay`` and ``moving_momentum``); the
+        ``momentum``, TF 1's ``decay``, the from-scratch ``moving_momentum``); the
         same average as ``momentum = 1 - decay``.  Give momentum or decay, not both.
     axis : int
         The channel axis: 1 (channels-first, PyTorch/ONNX) or -1 (channels-last,
@@ -488,7 +508,8 @@ def batch_norm_backward(
     grad_weight, grad_bias : ndarray of shape (C,) or None
         None where the forward had no weight / bias; else in their dtype.
     """
-    if out is None and isinstance(ctx, BatchNormContext):
+    user_out = out is not None
+    if not user_out and isinstance(ctx, BatchNormContext):
         out = empty_output(ctx.input.shape, ctx.input.dtype)  # a dropped output's memory, if any
     x, g, dx = start_backward(grad_output, ctx, BatchNormContext, "batch_norm_forward", out)
     if ctx.input_overwritten:
@@ -505,12 +526,11 @@ def batch_norm_backward(
     if x.size and ctx.reducer is None and kernel_for("batch_norm", x3, g3) == "direct":
         a, _, nb = x3.shape
         x2, g2, dx2 = x3.reshape(a, -1), g3.reshape(a, -1), dx.reshape(a, -1)
-        # out= over an input: a small copy keeps the bits of out=None.
-        x2 = x2.copy() if np.may_share_memory(x2, dx2) else x2
-        g2 = g2.copy() if np.may_share_memory(g2, dx2) else g2
-        kernel = _direct.backward_batch if ctx.batch_stats else _direct.backward_running
+        if user_out:  # out= over an input: a small copy keeps the bits of out=None
+            x2 = x2.copy() if np.may_share_memory(x2, dx2) else x2
+            g2 = g2.copy() if np.may_share_memory(g2, dx2) else g2
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            sums = kernel(g2, x2, nb, ctx.mean, ctx.invstd, gamma, dx2)
+            sums = _direct.backward(g2, x2, nb, ctx.mean, ctx.invstd, gamma, dx2, batch_stats=ctx.batch_stats)
         if sums is not None:
             grad_weight, grad_bias = param_grads(
                 sums[1] * ctx.invstd, sums[0], ctx.weight_dtype, ctx.bias_dtype

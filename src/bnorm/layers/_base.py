@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._convert import to_numpy
+from .._validation import check_bool, check_call
 
 __all__ = ["Module", "IncompatibleKeys", "StateDictKeyError"]
 
@@ -29,6 +30,35 @@ class IncompatibleKeys(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
+
+
+def _sub_state(state: Mapping[str, Any], prefix: Any, owner: str) -> dict[str, Any]:
+    """The entries of `state` under `prefix` (a dotted module path), with the prefix removed."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str such as '1.' or 'features.3.', got {type(prefix).__name__}")
+    if not prefix.endswith("."):
+        prefix += "."
+    sub = {str(k)[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
+    if not sub:
+        owners = sorted({str(k).rsplit(".", 1)[0] + "." for k in state if "." in str(k)})
+        shown = ", ".join(repr(p) for p in owners[:12]) + (", ..." if len(owners) > 12 else "")
+        raise StateDictKeyError(
+            f"no key of state starts with {prefix!r}, so there is nothing to load into {owner}; "
+            f"the prefixes in state are {shown or 'none (its keys have no dots)'}"
+        )
+    return sub
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _init_signature(cls: type) -> inspect.Signature:
+    """``cls.__init__``'s signature without ``self`` (computed once per class)."""
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        full = inspect.signature(cls.__init__)  # type: ignore[misc]
+        sig = _SIGNATURES[cls] = full.replace(parameters=list(full.parameters.values())[1:])
+    return sig
 
 
 class Module:
@@ -57,15 +87,25 @@ class Module:
     #: State keys an old checkpoint may lack; loading without them keeps the current value.
     _optional_state: tuple[str, ...] = ("num_batches_tracked",)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Check the call against the subclass's own signature before __init__ runs, so a
+        # mistyped keyword names the class the user wrote and the closest valid keyword.
+        # (No arguments at all is also how copy and pickle create instances: nothing to check.)
+        if args or kwargs:
+            check_call(cls.__name__, _init_signature(cls), args, kwargs)
+        return super().__new__(cls)
+
     def __init__(self) -> None:
         self.training = True
 
     def train(self, mode: bool = True) -> Any:
         """Set training mode (``mode=False`` is evaluation); returns self."""
-        if not isinstance(mode, (bool, np.bool_)):
-            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
-        self.training = bool(mode)
+        self.training = check_bool(mode, "mode")
         return self
+
+    def _mode(self, training: Any) -> bool:
+        """The mode of one call: :attr:`training`, or the per-call override (a real bool)."""
+        return self.training if training is None else check_bool(training, "training")
 
     def eval(self) -> Any:
         """Set evaluation mode; returns self."""
@@ -110,7 +150,9 @@ class Module:
         """
         return {n: np.array(getattr(self, n), copy=True) for n in self._state_names()}
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+    def load_state_dict(
+        self, state: Mapping[str, Any], strict: bool = True, *, prefix: str = ""
+    ) -> IncompatibleKeys:
         """Copy `state` into the layer's parameters and buffers.
 
         Values may be NumPy arrays, PyTorch tensors (converted by duck typing,
@@ -128,6 +170,13 @@ class Module:
         strict : bool, default True
             Require the keys to match exactly; otherwise load the keys that
             match and report the others.
+        prefix : str, default "", keyword-only
+            Load one layer out of a whole model's state dict: only the keys
+            that start with ``prefix`` are read, with the prefix removed
+            (``prefix="1."`` reads ``"1.running_mean"`` as ``running_mean``);
+            the other layers' keys are ignored, not unexpected.  A trailing
+            ``.`` is added when missing (``"1"`` is ``"1."``), so ``"1"`` never
+            picks up ``"10.weight"``.
 
         Returns
         -------
@@ -138,7 +187,9 @@ class Module:
         ------
         StateDictKeyError
             In strict mode, naming every missing and every unexpected key (a
-            subclass of KeyError, ValueError and RuntimeError).
+            subclass of KeyError, ValueError and RuntimeError); with `prefix`,
+            in either mode, when no key starts with it (the message lists the
+            prefixes the state holds).
         ValueError
             If a value's shape differs from the layer's (the message names the
             key), or ``num_batches_tracked`` is not a non-negative integer.
@@ -154,9 +205,19 @@ class Module:
         IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         >>> b.running_mean, int(b.num_batches_tracked)
         (array([0.3, 0.6], dtype=float32), 1)
+
+        One layer of a whole model's state dict (here PyTorch's
+        ``Sequential(Linear, BatchNorm1d)``):
+
+        >>> model_state = {"0.weight": np.ones((2, 2)), "0.bias": np.zeros(2),
+        ...                **{f"1.{k}": v for k, v in a.state_dict().items()}}
+        >>> b.load_state_dict(model_state, prefix="1.")
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
+        if prefix:
+            state = _sub_state(state, prefix, type(self).__name__)
         names = self._state_names()
         unexpected = [str(k) for k in state if k not in names]
         missing = [n for n in names if n not in state and n not in self._optional_state]

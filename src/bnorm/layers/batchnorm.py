@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from .._conventions import RunningAverage, records_explicit, resolve_layer_convention
+from .._conventions import RunningAverage, check_momentum, records_explicit, resolve_layer_convention
 from .._validation import (
     as_float_input,
+    channels_last_hint,
+    check_bool,
     check_eps,
     check_fraction,
     check_positive_int,
@@ -50,10 +52,15 @@ _SECTIONS = inspect.cleandoc(
     track_running_stats : bool, default True
         Keep running statistics and use them in evaluation; False uses batch
         statistics in evaluation too and keeps no buffers (they are None).
+    bias : bool, default True, keyword-only
+        With `affine`, whether beta is learned too (PyTorch 2.13's ``bias=``):
+        ``bias=False`` keeps gamma only -- :attr:`bias` is None, the state dict
+        has no ``bias`` key and the shift is 0.  Without `affine` there is
+        neither weight nor bias, whatever `bias` says.
     decay : float in [0, 1] or None, keyword-only
         The weight on the *old* value, ``running = decay * running + (1 - decay)
-        * batch`` (Keras/TF/ONNX/Flax ``momentum``, d2l, the articles'
-        ``moving_momentum``).  Give momentum or decay, not both.
+        * batch`` (Keras/TF/ONNX/Flax ``momentum``, d2l.ai, the from-scratch
+        tutorials' ``moving_momentum``).  Give momentum or decay, not both.
     axis : int, default 1, keyword-only
         The channel axis: 1 channels-first, -1 channels-last.
     unbiased_running_var : bool, default True, keyword-only
@@ -118,6 +125,7 @@ class _BatchNormBase(Module):
         affine: bool = True,
         track_running_stats: bool = True,
         *,
+        bias: bool = True,
         decay: float | None = None,
         axis: int = 1,
         unbiased_running_var: bool = True,
@@ -127,6 +135,9 @@ class _BatchNormBase(Module):
     ) -> None:
         super().__init__()
         check_positive_int(num_features, "num_features")
+        affine = check_bool(affine, "affine")
+        track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        use_bias = check_bool(bias, "bias")
         explicit: frozenset[str] = getattr(self, "_explicit_args", frozenset())
         running, eps, axis, unbiased = resolve_layer_convention(
             convention,
@@ -147,15 +158,15 @@ class _BatchNormBase(Module):
         self.num_features = int(num_features)
         self.eps = eps_f
         self._running = running
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
         self.axis = int(axis)
         self.unbiased_running_var = unbiased
         self.convention = convention
         self.dtype = dt
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.weight: np.ndarray | None = np.ones(num_features, dt) if self.affine else None
-        self.bias: np.ndarray | None = np.zeros(num_features, dt) if self.affine else None
+        self.bias: np.ndarray | None = np.zeros(num_features, dt) if self.affine and use_bias else None
         self.running_mean: np.ndarray | None = None
         self.running_var: np.ndarray | None = None
         self.num_batches_tracked: np.ndarray | None = None
@@ -179,7 +190,7 @@ class _BatchNormBase(Module):
 
     @momentum.setter
     def momentum(self, value: float | None) -> None:
-        self._running = RunningAverage(check_fraction(value, "momentum", allow_none=True), None)
+        self._running = RunningAverage(check_momentum(value), None)
 
     @property
     def decay(self) -> float | None:
@@ -234,6 +245,8 @@ class _BatchNormBase(Module):
         config = super()._config()
         # One of the two forms of the running average (passing both is an error).
         config.pop("momentum" if self._running.decay is not None else "decay", None)
+        if "bias" in config:  # the flag, not the array of the same name
+            config["bias"] = self.bias is not None
         return config
 
     def recompute_running_stats(self, batches: Iterable[Any]) -> Any:
@@ -356,7 +369,7 @@ class _BatchNormBase(Module):
         if x.shape[ax] != self.num_features:
             raise ValueError(
                 f"expected input with {self.num_features} channels on axis {self.axis}, "
-                f"got input of shape {x.shape}"
+                f"got input of shape {x.shape}{channels_last_hint(x.shape, self.num_features, self.axis)}"
             )
         return ax
 
@@ -386,7 +399,7 @@ class _BatchNormBase(Module):
         arr = np.asarray(x)
         self._check_input_dim(arr)
         self._check_channels(arr)
-        mode = self.training if training is None else bool(training)
+        mode = self._mode(training)
         tracking = mode and self.track_running_stats
         count = 0
         if tracking:
@@ -436,7 +449,9 @@ class _BatchNormBase(Module):
         r = self._running
         parts = [f"{self.num_features}", f"eps={self.eps!r}"]
         parts.append(f"decay={r.decay!r}" if r.decay is not None else f"momentum={r.momentum!r}")
-        parts += [f"affine={self.affine}", f"track_running_stats={self.track_running_stats}"]
+        # PyTorch 2.13's order; ``bias`` is whether a bias array exists, as torch prints it.
+        parts += [f"affine={self.affine}", f"bias={self.bias is not None}"]
+        parts.append(f"track_running_stats={self.track_running_stats}")
         if self.axis != 1:
             parts.append(f"axis={self.axis}")
         if not self.unbiased_running_var:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from .._validation import check_eps, check_fraction, check_positive_int, describe
+from .._conventions import check_momentum
+from .._validation import check_bool, check_eps, check_positive_int
 from ..functional.group_norm import (
     check_num_groups,
     group_norm_backward,
@@ -43,10 +44,7 @@ def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     return dt
 
 
-def _check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {describe(value)}")
-    return bool(value)
+_check_flag = check_bool
 
 
 class _NormLayer(Module):
@@ -353,7 +351,10 @@ class GroupNorm(_NormLayer):
 
     def extra_repr(self) -> str:
         """The arguments shown by ``repr``."""
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps!r}, affine={self.affine}"
+        return (  # PyTorch 2.13's: bias is whether a bias array exists
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps!r}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class _InstanceNorm(_NormLayer):
@@ -419,7 +420,7 @@ class _InstanceNorm(_NormLayer):
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features")
         self.eps = check_eps(eps, training=False)
-        self.momentum: float | None = check_fraction(momentum, "momentum", allow_none=True)
+        self.momentum: float | None = check_momentum(momentum)
         self.affine = _check_flag(affine, "affine")
         self.track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         use_bias = _check_flag(bias, "bias")
@@ -478,7 +479,7 @@ class _InstanceNorm(_NormLayer):
                 UserWarning,
                 stacklevel=3,
             )
-        mode = self.training if training is None else bool(training)
+        mode = self._mode(training)
         unbatched = feature_dim == 0
         y, ctx = instance_norm_forward(
             arr[None] if unbatched else arr,
@@ -513,7 +514,7 @@ class _InstanceNorm(_NormLayer):
         """The arguments shown by ``repr``."""
         return (
             f"{self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
 

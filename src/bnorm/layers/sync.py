@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from .._conventions import records_explicit
+from .._conventions import deliberate_momentum, records_explicit
 from .._validation import describe
 from ..distributed import MPIStatsReducer, allreduce_grads, check_comm
 from ..functional.batch_norm import NonFinitePolicy, StatsReducer
@@ -30,6 +30,7 @@ def _state_kwargs(layer: _BatchNormBase) -> dict[str, Any]:
         "eps": layer.eps,
         "affine": layer.affine,
         "track_running_stats": layer.track_running_stats,
+        "bias": layer.bias is not None or not layer.affine,
         "axis": layer.axis,
         "unbiased_running_var": layer.unbiased_running_var,
         "dtype": layer.dtype,
@@ -108,6 +109,7 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         affine: bool = True,
         track_running_stats: bool = True,
         *,
+        bias: bool = True,
         comm: Any = None,
         decay: float | None = None,
         axis: int = 1,
@@ -124,6 +126,7 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
             "momentum": momentum,
             "affine": affine,
             "track_running_stats": track_running_stats,
+            "bias": bias,
             "decay": decay,
             "axis": axis,
             "unbiased_running_var": unbiased_running_var,
@@ -178,7 +181,8 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         """
         if not isinstance(layer, _BatchNormBase):
             raise TypeError(f"layer must be a bnorm batch-norm layer, got {describe(layer)}")
-        new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
+        with deliberate_momentum():  # the layer's own momentum, not a new spelling
+            new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
         _copy_state(layer, new)
         return new
 
@@ -193,9 +197,10 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         --------
         >>> import bnorm
         >>> bnorm.SyncBatchNorm(4, momentum=None).to_batch_norm()
-        BatchNorm(4, eps=1e-05, momentum=None, affine=True, track_running_stats=True)
+        BatchNorm(4, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True)
         """
-        new = BatchNorm(self.num_features, **_state_kwargs(self))
+        with deliberate_momentum():
+            new = BatchNorm(self.num_features, **_state_kwargs(self))
         _copy_state(self, new)
         return new
 
@@ -229,7 +234,7 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         bnorm.distributed.PeerError
             Another rank's input was rejected.
         """
-        mode = self.training if training is None else bool(training)
+        mode = self._mode(training)
         if self._world_size == 1 or not mode:
             self._step = None
             return super().forward(x, training=training)

@@ -20,7 +20,7 @@ Each op is the textbook formula with the fewest passes over the data:
   ``alpha = gamma * invstd``: five passes, one output, no temporary.
 * evaluation forward (:func:`forward_eval`): ``y = x * alpha + (beta - mean *
   alpha)``, or centered first where the mean is large against the spread.
-* backward (:func:`backward_batch`, :func:`backward_running`): ``d = x - c``
+* backward (:func:`backward`): ``d = x - c``
   into the output, ``sum(g)`` and ``sum(g * d)``, then
   ``dx = k * (d * (coef_x / k) + coef_c / k + g)`` -- four in-place operations.
 
@@ -42,11 +42,12 @@ subtraction).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-__all__ = ["GROUP_ROWS", "backward_batch", "backward_running", "center", "forward_batch", "forward_eval"]
+__all__ = ["GROUP_ROWS", "backward", "center", "forward_batch", "forward_eval"]
 
 #: Rows summed in the compute dtype before the float64 sum: bounds the float32
 #: accumulation depth.
@@ -64,7 +65,7 @@ FloatArray = np.ndarray[Any, np.dtype[np.floating[Any]]]
 
 def _plane(v: np.ndarray, b: int, dtype: np.dtype[Any]) -> np.ndarray:
     """A per-channel vector as a row of the ``(A, K*B)`` matrix, in `dtype`."""
-    w = v.astype(dtype)
+    w = v if v.dtype == dtype else v.astype(dtype)
     return w if b == 1 else np.repeat(w, b)
 
 
@@ -125,7 +126,8 @@ def forward_batch(
     dmean = _colsums(d2, None, b) / m
     var = _colsums(d2, d2, b) / m - dmean * dmean
     t = SHIFT_FREE_RATIO * var - dmean * dmean
-    if not bool(((t >= 0) & (t < np.inf)).all()):  # False for every NaN and inf too
+    # A sum is finite only if every term is (inf - inf is NaN): NaN and inf fail too.
+    if not (np.minimum.reduce(t) >= 0 and math.isfinite(np.add.reduce(t))):
         return None
     invstd = 1.0 / np.sqrt(var + eps)
     alpha = invstd if gamma is None else gamma * invstd
@@ -170,7 +172,7 @@ def forward_eval(
     return True
 
 
-def backward_batch(
+def backward(
     g2: np.ndarray,
     x2: np.ndarray,
     b: int,
@@ -178,15 +180,23 @@ def backward_batch(
     invstd: np.ndarray,
     gamma: np.ndarray,
     dx2: np.ndarray,
+    *,
+    batch_stats: bool,
 ) -> tuple[FloatArray, FloatArray] | None:
-    """The batch-statistics input gradient into `dx2`; returns ``(sum(g), sum(g * (x - mean)))``.
+    """The input gradient into `dx2`; returns ``(sum(g), sum(g * (x - mean)))`` per channel.
 
-    ``dx = k * g + (x - mean) * coef_x + coef_c`` with ``k = gamma * invstd``,
-    ``coef_x = -k * invstd**2 * sum(g * (x - mean)) / m`` and
-    ``coef_c = -k * sum(g) / m``, evaluated on ``d = x - c`` (``c`` the mean in
-    the compute dtype; ``sum(g * (x - mean)) = sum(g * d) - (mean - c) * sum(g)``,
-    one pass, no cancellation).  None where a coefficient is not finite or
-    ``k`` has a zero (the caller takes the channel kernels).
+    Both sums come from one pass over ``d = x - c`` (``c`` the mean in the
+    compute dtype, written into `dx2` first): ``sum(g * (x - mean)) = sum(g * d)
+    - (mean - c) * sum(g)``, no cancellation.  With ``k = gamma * invstd``:
+
+    * running statistics (constants): ``dx = k * g``;
+    * batch statistics: ``dx = k * g + (x - mean) * coef_x + coef_c`` with
+      ``coef_x = -k * invstd**2 * sum(g * (x - mean)) / m`` and
+      ``coef_c = -k * sum(g) / m``, evaluated as ``k * (d * b_k + c_k + g)``
+      -- four in-place operations on ``d`` -- where ``b_k``, ``c_k`` are the
+      coefficients divided by ``k`` (computed without it, so ``k = 0`` needs no
+      special case).  None where a coefficient is not finite (the caller takes
+      the channel kernels).
     """
     m = x2.shape[0] * b
     ct = x2.dtype
@@ -194,35 +204,15 @@ def backward_batch(
     sum_g = _colsums(g2, None, b)
     sum_gx = _colsums(g2, dx2, b) - dm * sum_g
     k = gamma * invstd
-    coef_x = -k * invstd * invstd * sum_gx / m
-    coef_c = -k * sum_g / m - coef_x * dm  # the constant on d, not on x - mean
-    b_k, c_k = coef_x / k, coef_c / k  # NaN where k == 0 (coef_x, coef_c are 0 there)
-    if not (np.isfinite(np.dot(b_k, b_k)) and np.isfinite(np.dot(c_k, c_k)) and np.isfinite(np.dot(k, k))):
+    if not batch_stats:
+        np.multiply(g2, _plane(k, b, ct), out=dx2)
+        return sum_g, sum_gx
+    b_k = (invstd * invstd) * sum_gx / -m  # coef_x / k
+    c_k = sum_g / -m - b_k * dm  # coef_c / k, the constant on d rather than on x - mean
+    if not math.isfinite(np.add.reduce(b_k + c_k + k)):  # any NaN or inf term
         return None
-    # dx = k * (d * (coef_x / k) + coef_c / k + g): in place on d, no temporary.
     np.multiply(dx2, _plane(b_k, b, ct), out=dx2)
     np.add(dx2, _plane(c_k, b, ct), out=dx2)
     np.add(dx2, g2, out=dx2)
     np.multiply(dx2, _plane(k, b, ct), out=dx2)
-    return sum_g, sum_gx
-
-
-def backward_running(
-    g2: np.ndarray,
-    x2: np.ndarray,
-    b: int,
-    mean: np.ndarray,
-    invstd: np.ndarray,
-    gamma: np.ndarray,
-    dx2: np.ndarray,
-) -> tuple[FloatArray, FloatArray]:
-    """The running-statistics input gradient ``dx = g * gamma * invstd`` into `dx2`.
-
-    Returns ``(sum(g), sum(g * (x - mean)))`` for the parameter gradients
-    (``x - mean`` shifted by the mean in the compute dtype, in `dx2` first).
-    """
-    dm = mean - center(x2, b, mean, dx2)
-    sum_g = _colsums(g2, None, b)
-    sum_gx = _colsums(g2, dx2, b) - dm * sum_g
-    np.multiply(g2, _plane(gamma * invstd, b, x2.dtype), out=dx2)
     return sum_g, sum_gx
