@@ -255,6 +255,19 @@ def test_keras_cross_check(rng):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(fresh(x)), ours(x), rtol=1e-5, atol=1e-6)
 
 
+def test_whole_models_include_rmsnorm(rng):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.RMSNorm(4, eps=1e-6))
+    layers = from_torch(model)
+    assert list(layers) == ["1"] and repr(layers["1"]) == "RMSNorm((4,), eps=1e-06, elementwise_affine=True)"
+    keras = pytest.importorskip("keras")
+    kmodel = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(5), keras.layers.RMSNormalization(name="rms")]
+    )
+    found = from_keras(kmodel)
+    assert list(found) == ["rms"] and isinstance(found["rms"], bnorm.RMSNorm)
+
+
 def test_error_keras_non_trailing_axis():
     keras = pytest.importorskip("keras")
     layer = keras.layers.RMSNormalization(axis=1)

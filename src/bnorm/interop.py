@@ -340,11 +340,11 @@ def _rms_from_keras(layer: Any) -> RMSNorm:
     return rms
 
 
-def _keras_model(model: Any, path: str, found: dict[str, BatchNorm], skipped: list[str]) -> None:
-    """Collect the BatchNormalization layers of `model` (nested models included) under their paths."""
+def _keras_model(model: Any, path: str, found: dict[str, Any], skipped: list[str]) -> None:
+    """Collect the BatchNormalization and RMSNormalization layers of `model` (nested models too)."""
     for layer in model.layers:
         name = f"{path}{layer.name}"
-        if _is_keras_batch_norm(layer):
+        if _is_keras_batch_norm(layer) or type(layer).__name__ == "RMSNormalization":
             found[name] = from_keras(layer)
         elif isinstance(getattr(layer, "layers", None), list):
             _keras_model(layer, name + "/", found, skipped)
@@ -433,12 +433,13 @@ def from_keras(
     if type(src).__name__ == "RMSNormalization":
         return _rms_from_keras(src)
     if not _is_keras_batch_norm(src) and isinstance(getattr(src, "layers", None), list):
-        found: dict[str, BatchNorm] = {}
+        found: dict[str, Any] = {}
         skipped: list[str] = []
         _keras_model(src, "", found, skipped)
         if skipped:
             warn_caller(
-                f"from_keras left out {', '.join(skipped)}: bnorm converts BatchNormalization layers",
+                f"from_keras left out {', '.join(skipped)}: bnorm converts BatchNormalization and "
+                "RMSNormalization layers",
                 UserWarning,
             )
         return found
