@@ -33,6 +33,7 @@ the same sizes every step.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from typing import Any
@@ -84,6 +85,16 @@ def empty_output(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         if len(_blocks) > RECYCLE_TRACKED:
             del _blocks[0]
         return block.view(dtype).reshape(shape)
+
+
+def _after_fork_in_child() -> None:
+    # The lock may have been held by a thread that does not exist in the child.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def clear() -> None:
