@@ -51,8 +51,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The shapes, the settling and the helpers of the main benchmark (which also puts src/ on sys.path).
-from bench_batchnorm import SHAPES, _geomean, _settle, _torch
+# The shapes of the batch-norm benchmark (which also chooses the bnorm: timing.use_source) and
+# the shared timing helpers.
+from bench_batchnorm import SHAPES
+from timing import geomean, settle, torch_or_none
 
 import bnorm
 from bnorm.functional._kernels.channel import _elementwise, _Step, backward_pass
@@ -149,7 +151,7 @@ class Workers:
 
 
 def _timed(f: Callable[[int], None], n: int) -> float:
-    _settle(partial(f, 1))
+    settle(partial(f, 1))
     t0 = time.perf_counter()
     f(n)
     return (time.perf_counter() - t0) / n * 1e3
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds, target = (5, 0.005) if args.quick else (15, 0.02)
     bnorm.set_num_threads(1)  # the splits below are explicit
     workers = Workers()
-    torch = _torch()
+    torch = torch_or_none()
     print(
         f"{os.cpu_count()} CPUs; numpy {np.__version__}"
         + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ", no torch")
@@ -237,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         workers.close()
     print("\n== geometric means over the shapes ==")
     for p in PROGRAMS:
-        threads, procs = _geomean(medians[f"{p}, 2 threads"]), _geomean(medians[f"{p}, 2 processes"])
+        threads, procs = geomean(medians[f"{p}, 2 threads"]), geomean(medians[f"{p}, 2 processes"])
         line = f"{p:>12}: 2 threads / 2 processes (the GIL's cost) {threads / procs:.2f}"
         ref = "torch " + p.split(",")[0]
         if ref in medians:
-            torch_g = _geomean(medians[ref])
+            torch_g = geomean(medians[ref])
             line += f"; / {ref}: 2 threads {threads / torch_g:.2f}, 2 processes {procs / torch_g:.2f}"
         print(line)
     return 0
