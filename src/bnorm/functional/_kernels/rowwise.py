@@ -42,14 +42,17 @@ Nothing full-size is allocated besides the output; the kernels keep no state.
 How it is fast
 --------------
 Every row is independent, so the statistics and the normalization of a row
-happen on the same tile of whole rows (:data:`TILE_ELEMENTS` values, 128 KiB
-of float32, in the core's L2 cache with the scratch it needs): x is read from
-memory once and y written once.  Per tile, forward: the row sums by BLAS
-(``x @ ones``), ``xc = x - shift``, ``sum(xc)`` and ``sum(xc**2)`` by BLAS
-(``@``, ``np.vecdot``), then the affine in place.  Backward: ``xc``, the sums
-of ``g`` and ``g * xc`` by BLAS against ones, gamma and invstd, then ``dx``
-in three or four in-place passes.  Small inputs are one tile, run by the
-calling thread: a dozen NumPy calls.
+happen on the same tile of whole rows (:data:`TILE_ELEMENTS` values, 512 KiB
+of float32 forward, :data:`BACKWARD_TILE_ELEMENTS` backward, in the core's L2
+cache with the scratch they need): x is read from memory once and y written
+once.  Per tile, forward: the row sums by BLAS (``x @ ones``), ``xc = x -
+shift``, ``sum(xc)`` and ``sum(xc**2)`` by BLAS (``@``, ``np.vecdot``), then
+the affine in place (three or four passes in cache).  Backward: ``xc``, the
+sums of ``g`` and ``g * xc`` by BLAS against ones, gamma and invstd, then
+``dx`` in four or five in-place passes.  Inputs of at most
+:data:`DIRECT_MAX_ELEMENTS` values take the direct path: the same formulas as
+whole-array NumPy calls on the calling thread (no tiles, no pool, one
+``errstate``), because there calls, not bandwidth, set the time.
 
 The affine has two forms, chosen by ``S``:
 
