@@ -216,7 +216,9 @@ def test_nonfinite_rows_stay_in_their_rows(monkeypatch):
 
 
 @pytest.fixture
-def restore_threads() -> Iterator[None]:
+def restore_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Restore the thread count; tiles go to the pool at any size (else nothing is threaded)."""
+    monkeypatch.setattr(RW, "PARALLEL_MIN_ELEMENTS", 0)
     old = P.num_threads()
     yield
     P.set_num_threads(old)
