@@ -427,22 +427,23 @@ def _normalize_tile(
     t = xt.shape[0]
     ct = plan.dtype
     inv_c = invstd.astype(ct)
+    src = work  # what the scaling reads: x - mean, or x itself without centering
     if plan.center:
         mean_c = mean.astype(ct)
         if shift is None or (np.abs(mean_c - shift) * inv_c > RECENTER_TOL[ct]).any():
             np.subtract(xt, mean_c[:, None], out=work)
-    elif work is not xt:
-        np.copyto(work, xt)
+    else:
+        src = xt  # RMSNorm: the scaling reads x directly, no copy
     if plan.channel_form:
         gamma = aff.per_channel(aff.gamma, r0, r0 + t)
         beta = aff.per_channel(aff.beta, r0, r0 + t)
         w3 = work.reshape(t, plan.channels, plan.spatial)
         coef = inv_c[:, None] if gamma is None else inv_c[:, None] * gamma  # (T, 1) or (T, Cg)
-        np.multiply(w3, coef[:, :, None], out=w3)
+        np.multiply(src.reshape(w3.shape), coef[:, :, None], out=w3)
         if beta is not None:
             np.add(w3, beta[:, :, None], out=w3)
     else:
-        np.multiply(work, inv_c[:, None], out=work)
+        np.multiply(src, inv_c[:, None], out=work)
         gamma = aff.per_element(aff.gamma_rows, t)
         beta = aff.per_element(aff.beta_rows, t)
         if gamma is not None:
@@ -554,6 +555,8 @@ def _rows_of_channels(p: Array | None, plan: RowPlan, t: int, dtype: Any) -> Arr
 def _direct_stats(x2: Array, eps: float, plan: RowPlan, xc: Array) -> tuple[Array, Array, Array]:
     """float64 ``(mean, var, invstd)`` of a small input; ``x - mean`` (rounded mean) into `xc`.
 
+    Without centering `xc` is left untouched (the caller scales `x2` itself).
+
     The row sums accumulate in float64 (``dtype=`` of the reduction), so a
     float32 constant row's mean is exactly its value; float64 input gets the
     mean of ``x - mean`` added back (its first sum rounds), so it is exact there
@@ -572,8 +575,11 @@ def _direct_stats(x2: Array, eps: float, plan: RowPlan, xc: Array) -> tuple[Arra
             xc -= correction[:, None]
     else:
         mean = np.zeros(x2.shape[0])
-        np.copyto(xc, x2, casting="same_kind")
-    var = np.vecdot(xc, xc).astype(np.float64)
+    var = (
+        np.vecdot(xc, xc).astype(np.float64)
+        if plan.center
+        else np.vecdot(x2, x2, dtype=ct).astype(np.float64)
+    )
     var /= m
     invstd = var + eps
     np.sqrt(invstd, out=invstd)
@@ -589,7 +595,7 @@ def _direct_forward(
     ct = plan.dtype
     work = y2 if y2.dtype == ct else np.empty(x2.shape, ct)
     mean, var, invstd = _direct_stats(x2, eps, plan, work)
-    work *= invstd.astype(ct)[:, None]
+    np.multiply(work if plan.center else x2, invstd.astype(ct)[:, None], out=work)
     w3 = work.reshape(t, plan.channels, plan.spatial)
     if gamma is not None:
         w3 *= _rows_of_channels(gamma, plan, t, ct)
