@@ -16,10 +16,12 @@ A step's time is the slowest rank's forward + backward (a collective step is
 as slow as its slowest rank); the table gives the median and the interquartile
 range over steps.  ``BatchNorm ms, no comm`` is the median over steps of the
 slowest rank's plain (unsynchronized) BatchNorm step on the same shard, all
-ranks running at once: the compute share of the step.  ``collective`` is the median time of the forward's
-Allgather alone.  ``sent`` / ``received`` are the bytes per rank per step (forward
-+ backward): each rank sends ``8 (2 + 2C) + 8 (1 + 2C)`` bytes and receives P
-times that; the activations never travel.
+ranks running at once: the compute share of the step.  ``collective`` is the median time of one
+operation like the forward's alone (``allreduce_moments``: the 64-byte header
+exchange, its check, and the moments' exchange and merge).  ``sent`` /
+``received`` are the bytes per rank per step (forward + backward): each rank
+sends ``8 (8 + 1 + 2C) + 8 (8 + 2C)`` bytes and receives P times that; the
+activations never travel.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import bnorm
-    from bnorm.distributed import MPIStatsReducer, allgather_rows
+    from bnorm.distributed import MPIStatsReducer, allgather_rows, allreduce_moments
+    from bnorm.functional._moments import Moments
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -76,12 +79,12 @@ def worker(args: argparse.Namespace) -> None:
         plain(x)
         plain.backward(g)
         local.append(time.perf_counter() - t0)
-    row = np.zeros(2 + 2 * c)
+    moments = Moments(local_n, np.zeros(c), np.ones(c))
     coll = []
     for _ in range(args.warmup + args.steps):
         comm.Barrier()
         t0 = time.perf_counter()
-        allgather_rows(comm, row)
+        allreduce_moments(moments, comm)
         coll.append(time.perf_counter() - t0)
     all_times = allgather_rows(comm, np.array(times)).max(axis=0)  # slowest rank per step
     all_local = allgather_rows(comm, np.array(local[args.warmup :])).max(axis=0)  # slowest rank per step

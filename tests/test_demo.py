@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import bnorm
+from bnorm._files import write_atomic
 from bnorm.cli import main
 from bnorm.demo.data import load_digits, load_mnist_npz
 from bnorm.demo.experiment import (
@@ -39,7 +40,7 @@ from bnorm.demo.nn import (
     Sigmoid,
     softmax_cross_entropy,
 )
-from bnorm.demo.report import _atomic_write, format_speedup, format_table, write_json
+from bnorm.demo.report import format_speedup, format_table, write_json
 
 
 def _installed(*modules: str) -> bool:
@@ -518,7 +519,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_write(target, fail)
+        write_atomic(target, fail)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["result.json"]
 

@@ -202,3 +202,19 @@ def test_conventions_guide_keras_claims() -> None:
     np.testing.assert_allclose(bn.running_var, moving_variance, rtol=1e-6)
     inference = keras.ops.convert_to_numpy(layer(x32))  # a plain Keras call is inference
     np.testing.assert_allclose(bn.eval()(x32), inference, rtol=1e-6)
+
+
+def test_reliability_page_is_in_the_navigation_and_names_real_tests() -> None:
+    index = (DOCS / "guide" / "index.md").read_text(encoding="utf-8")
+    entries = [
+        line.strip()
+        for m in re.finditer(r"```\{toctree\}(.*?)```", index, re.S)
+        for line in m.group(1).splitlines()
+        if line.strip() and not line.strip().startswith(":")
+    ]
+    assert "/reliability" in entries, entries
+    page = (DOCS / "reliability.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(tests/[\w/]+\.py)`", page))
+    assert len(named) >= 8
+    for path in named:
+        assert (ROOT / path).is_file(), f"docs/reliability.md names {path}, which does not exist"

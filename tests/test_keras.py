@@ -44,3 +44,15 @@ def test_semantics_vector5():
     np.testing.assert_allclose(bb.running_mean, mm, rtol=1e-6)
     np.testing.assert_allclose(bb.running_var, mv, rtol=1e-6)
     np.testing.assert_allclose(bb.running_var, [1.0166667, 1.0966667], rtol=1e-6)
+
+
+def test_bnorm_load_names_real_keras_files(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    model.save(tmp_path / "model.keras")
+    model.save_weights(tmp_path / "model.weights.h5")
+    with pytest.raises(
+        ValueError, match=r"model\.keras is a Keras 3 model archive .*bnorm\.interop\.from_keras"
+    ):
+        bnorm.load(tmp_path / "model.keras")
+    with pytest.raises(ValueError, match=r"model\.weights\.h5 is an HDF5 file .*keras\.models\.load_model"):
+        bnorm.load(tmp_path / "model.weights.h5")

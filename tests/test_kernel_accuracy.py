@@ -392,6 +392,8 @@ def test_set_num_threads_rejects_bad_values():
         P.set_num_threads(0)
 
 
+# Forking while the pool's threads exist is the point of this test; Python 3.12+ warns about it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_kernels_work_in_a_forked_child():
     """The thread pool is recreated after fork (a child has no pool threads)."""
     import multiprocessing as mp

@@ -7,6 +7,7 @@ no full-size temporaries.  NumPy reports its data allocations to tracemalloc.
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -144,4 +145,19 @@ def test_large_outputs_reuse_dropped_memory():
     del y2
     y4, _ = batch_norm_forward(x, None, None, training=True)
     assert not np.shares_memory(y4, view)  # a view keeps its block in use
+    buffers.clear()
+
+
+def test_unused_blocks_of_other_sizes_are_released_without_comparing_arrays():
+    """Several cached sizes, then a new one: the oldest unused blocks go, live ones stay."""
+    buffers.clear()
+    sizes = [(1 << 20) + k * 4096 for k in range(4)]  # float32: 4 MiB and a little more each
+    live = buffers.empty_output((sizes[0],), np.dtype(np.float32))
+    for n in sizes[1:]:
+        buffers.empty_output((n,), np.dtype(np.float32))  # dropped at once: unused blocks of other sizes
+    fresh = buffers.empty_output(((1 << 20) + 99 * 4096,), np.dtype(np.float32))
+    assert not np.shares_memory(fresh, live)
+    unused = [b for b in buffers._blocks if sys.getrefcount(b) <= buffers._UNUSED_REFS]
+    assert len(unused) <= buffers.RECYCLE_FREE_BLOCKS
+    assert any(np.shares_memory(b, live) for b in buffers._blocks)  # the live block is still tracked
     buffers.clear()

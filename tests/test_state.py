@@ -86,7 +86,7 @@ def test_load_copies_into_layer_dtype_in_place():
     state = {
         "weight": np.array([1.5, 2.5]),  # float64
         "bias": [0.25, -1],  # a list
-        "running_mean": np.array([1, 2]),  # ints
+        "running_mean": [1, 2],  # Python ints: no dtype, taken as numbers
         "running_var": np.array([3.0, 4.0], np.float16),
         "num_batches_tracked": np.int32(5),
     }
@@ -166,8 +166,8 @@ def test_bad_counter_changes_nothing():
     state["num_batches_tracked"] = np.array(-1)
     with pytest.raises(ValueError, match=r"state\['num_batches_tracked'\] must be >= 0"):
         bn.load_state_dict(state)
-    state["num_batches_tracked"] = np.array(2.5)
-    with pytest.raises(ValueError, match=r"state\['num_batches_tracked'\] must hold integers"):
+    state["num_batches_tracked"] = np.array(2.5)  # a float counter is refused, not rounded
+    with pytest.raises(TypeError, match=r"state\['num_batches_tracked'\] must be an integer array"):
         bn.load_state_dict(state)
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
@@ -179,8 +179,59 @@ def test_non_numeric_value_is_refused():
         TypeError, match=r"state\['weight'\] must be a numeric array, got an array of dtype object"
     ):
         bn.load_state_dict({**bn.state_dict(), "weight": np.array([object(), object()])})
-    with pytest.raises(TypeError, match=r"state\['weight'\] must be a real numeric array, got dtype <U1"):
+    with pytest.raises(TypeError, match=r"state\['weight'\] must be a floating array .*got dtype <U1"):
         bn.load_state_dict({**bn.state_dict(), "weight": np.array(["a", "b"])})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "message"),
+    [
+        ("num_batches_tracked", np.array(1e30), TypeError, "must be an integer array .*float64"),
+        (
+            "num_batches_tracked",
+            np.array(2**64 - 1, np.uint64),
+            ValueError,
+            "must be >= 0 and <= 9223372036854775807",
+        ),
+        ("num_batches_tracked", np.array(-3), ValueError, "must be >= 0"),
+        ("num_batches_tracked", np.array(True), TypeError, "must be an integer array .*bool"),
+        ("weight", np.array([1, 2, 3]), TypeError, "must be a floating array .*int64"),
+        ("running_mean", np.array([True, False, True]), TypeError, "must be a floating array .*bool"),
+        (
+            "running_var",
+            np.array([1.0, 1e300, 1.0]),
+            ValueError,
+            "holds 1e\\+300, beyond the largest float32",
+        ),
+        ("running_var", np.array([1.0, -0.5, 1.0]), ValueError, "must be >= 0 \\(it is a variance\\)"),
+    ],
+    ids=[
+        "huge-float-counter",
+        "uint64-counter",
+        "negative-counter",
+        "bool-counter",
+        "int-weight",
+        "bool-running-mean",
+        "overflowing-var",
+        "negative-var",
+    ],
+)
+def test_tampered_state_is_refused_naming_the_key_and_changes_nothing(key, value, error, message):
+    bn = trained()
+    before = bn.state_dict()
+    with pytest.raises(error, match=rf"state\[{key!r}\] {message}"):
+        bn.load_state_dict({**before, key: value})
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_a_refused_huge_counter_cannot_reach_the_cumulative_average():
+    # on main 1e30 loaded as -2**63 and the next momentum=None step divided by zero
+    bn = bnorm.BatchNorm1d(3, momentum=None)
+    with pytest.raises(TypeError):
+        bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": np.array(1e30)})
+    bn(np.random.default_rng(0).normal(size=(4, 3)))
+    assert int(bn.num_batches_tracked) == 1 and np.isfinite(bn.running_mean).all()
 
 
 def test_state_must_be_a_mapping():
@@ -212,7 +263,9 @@ def test_machinery_is_generic_over_declared_tuples():
     assert Scale(3, learnable=False).state_dict() == {}
     with pytest.raises(KeyError, match="unexpected keys 'weight'"):
         Scale(3, learnable=False).load_state_dict(a.state_dict())
-    assert a._config() == {"n": 3}  # `learnable` is not stored under its own name
+    # `learnable` is not stored under its own name: the recorded argument is used
+    assert a._config() == {"n": 3, "learnable": True}
+    assert Scale(3, learnable=False)._config() == {"n": 3, "learnable": False}
 
 
 # -- layer(x, training=...) ------------------------------------------------------
@@ -378,34 +431,3 @@ def test_read_only_target_is_refused_before_anything_changes():
         bn.load_state_dict(state)
     np.testing.assert_array_equal(bn.weight, before["weight"])
     np.testing.assert_array_equal(bn.running_mean, before["running_mean"])
-
-
-class FakeReducer:
-    """Stands in for another process holding `remote` (what SyncBatchNorm's reducer does)."""
-
-    def __init__(self, remote):
-        self.remote, self.calls = remote, 0
-
-    def moments(self, local):
-        from bnorm.functional._kernels.moments import merge_moments
-
-        self.calls += 1
-        return merge_moments(local, self.remote)
-
-
-@pytest.mark.parametrize("local_batches", [0, 2])
-def test_recompute_merges_across_processes_once(monkeypatch, local_batches):
-    from bnorm.functional._kernels.moments import channel_moments
-
-    rng = np.random.default_rng(0)
-    remote_x = rng.normal(size=(7, 2))
-    local = [rng.normal(3, 1, size=(4, 2)) for _ in range(local_batches)]
-    reducer = FakeReducer(channel_moments(remote_x[:, :, None]))
-    bn = bnorm.BatchNorm1d(2, dtype=np.float64)
-    monkeypatch.setattr(bn, "_reducer", lambda: reducer)
-    bn.recompute_running_stats(iter(local))  # an empty shard takes part too
-    whole = np.concatenate([*local, remote_x])
-    assert reducer.calls == 1
-    np.testing.assert_allclose(bn.running_mean, whole.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(bn.running_var, whole.var(0, ddof=1), rtol=1e-12)
-    assert int(bn.num_batches_tracked) == local_batches

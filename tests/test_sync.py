@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,14 @@ import sync_scenarios
 
 
 class _Group:
-    """Shared slots and a barrier: an allgather among threads."""
+    """Shared slots and a barrier: an allgather among threads; posted rows for Iallgather."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.slots: list[Any] = [None] * size
         self.barrier = threading.Barrier(size, timeout=20)
+        self.lock = threading.Lock()
+        self.posted: dict[int, dict[int, np.ndarray]] = {}  # k-th Iallgather -> rank -> row
 
     def exchange(self, rank: int, obj: Any) -> list[Any]:
         self.slots[rank] = obj
@@ -64,11 +68,48 @@ class ObjectComm:
         return self.group.exchange(self.rank, np.array(obj, copy=True))
 
 
+class _Request:
+    """The request of a fake Iallgather: complete once every rank has posted its k-th row."""
+
+    def __init__(self, group: _Group, k: int, recv: np.ndarray) -> None:
+        self.group, self.k, self.recv = group, k, recv
+
+    def Test(self) -> bool:
+        with self.group.lock:
+            rows = dict(self.group.posted.get(self.k, {}))
+        if len(rows) < self.group.size:
+            return False
+        self.recv[...] = np.stack([rows[r] for r in range(self.group.size)])
+        return True
+
+    def Wait(self) -> None:
+        while not self.Test():
+            time.sleep(1e-4)
+
+
 class BufferComm(ObjectComm):
-    """Also the buffer method ``Allgather`` (what mpi4py offers and bnorm prefers)."""
+    """Also the buffer methods ``Allgather`` (what mpi4py offers and bnorm prefers),
+    ``Iallgather`` (for timeouts), ``Barrier`` and ``Dup``."""
+
+    def __init__(self, group: _Group, rank: int) -> None:
+        super().__init__(group, rank)
+        self.posted = 0
 
     def Allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         recv[...] = np.stack(self.allgather(send))
+
+    def Iallgather(self, send: np.ndarray, recv: np.ndarray) -> _Request:
+        k, self.posted = self.posted, self.posted + 1
+        with self.group.lock:
+            self.group.posted.setdefault(k, {})[self.rank] = np.array(send, copy=True)
+        return _Request(self.group, k, recv)
+
+    def Barrier(self) -> None:
+        self.group.barrier.wait()
+
+    def Dup(self) -> BufferComm:
+        group = self.group.exchange(self.rank, _Group(self.group.size))[0]  # rank 0's, for all
+        return type(self)(group, self.rank)
 
 
 def run_ranks(size: int, fn: Callable[[Any], Any], comm_type: type = BufferComm) -> list[Any]:
@@ -479,3 +520,255 @@ def test_running_stats_allreduce_equals_whole_data(shards: list[int], axis: Any)
         np.testing.assert_allclose(var, whole.var(ddof=1), rtol=1e-6)
         ref_axes = tuple(a for a in range(4) if a not in ((axis,) if isinstance(axis, int) else axis))
         np.testing.assert_allclose(var, data.astype(np.float64).var(axis=ref_axes, ddof=1), rtol=1e-6)
+
+
+# -- recompute_running_stats, out-of-step ranks, timeouts (ranks as threads) ---------------
+
+
+@pytest.mark.parametrize("shards", [[3, 1, 5], [4, 0, 3], [0, 0, 5]])
+def test_recompute_running_stats_merges_every_rank(shards: list[int]) -> None:
+    run_ranks(3, lambda comm: sync_scenarios.check_recompute(comm, shards))
+
+
+def test_recompute_running_stats_two_ranks() -> None:
+    """The reported case: rank 0 holds rows 0-4, rank 1 rows 5-9; both must get the whole mean."""
+    data = np.arange(20.0).reshape(10, 2)
+
+    def rank_fn(comm: Any) -> tuple[np.ndarray, int]:
+        bn = bnorm.SyncBatchNorm(2, comm=comm, dtype=np.float64)
+        r = comm.Get_rank()
+        bn.recompute_running_stats([data[5 * r : 5 * r + 5]])
+        return bn.running_mean, int(bn.num_batches_tracked)
+
+    for mean, count in run_ranks(2, rank_fn):
+        assert_array_equal(mean, [9.0, 10.0])
+        assert count == 2
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_out_of_step_ranks_raise_everywhere(size: int) -> None:
+    run_ranks(size, sync_scenarios.check_out_of_step)
+
+
+def test_timeout_raises_on_the_waiting_ranks() -> None:
+    run_ranks(3, sync_scenarios.check_timeout)
+
+
+def test_training_with_a_timeout_matches_batchnorm() -> None:
+    run_ranks(3, lambda comm: sync_scenarios.check_training(comm, [3, 1, 5], timeout=30.0, steps=2))
+
+
+def test_failing_rank_does_not_wait_for_its_own_error() -> None:
+    """A rank whose input is rejected while its peers never come raises its own error after the timeout."""
+
+    def rank_fn(comm: Any) -> str:
+        bn = bnorm.SyncBatchNorm(3, comm=comm, timeout=0.2)
+        if comm.Get_rank() == 1:
+            return "absent"
+        with pytest.raises(ValueError, match="expected input with 3 channels"):
+            bn(np.zeros((2, 4)))
+        with pytest.raises(PeerError, match="timed out on this communicator"):
+            bn(np.zeros((2, 3)))
+        return "raised"
+
+    assert run_ranks(2, rank_fn) == ["raised", "absent"]
+
+
+def _header(code: int, step: int, width: int, length: int = 7) -> np.ndarray:
+    from bnorm import distributed as d
+
+    return np.array([d._MAGIC, 0.0, code, step, width, length, 0.0, 0.0])
+
+
+def _heads(*ops: tuple[int, int, int], length: int = 7, flags: tuple[float, ...] = ()) -> np.ndarray:
+    from bnorm import distributed as d
+
+    heads = np.zeros((len(ops), 8))
+    for r, (code, step, width) in enumerate(ops):
+        heads[r, :6] = (d._MAGIC, flags[r] if flags else 0.0, code, step, width, length)
+    return heads
+
+
+def test_header_checks_name_both_sides_and_the_steps() -> None:
+    from bnorm import distributed as d
+
+    comm = BufferComm(_Group(3), 1)
+    fwd, bwd = (d._FORWARD, 3, 4), (d._BACKWARD, 2, 4)
+    me = d._Op(*bwd)
+    mine = _header(*bwd)
+    d._check_heads(_heads(bwd, bwd, bwd), mine, comm, me)  # in step: no error
+    with pytest.raises(PeerError) as info:
+        d._check_heads(_heads(fwd, bwd, fwd), mine, comm, me)
+    assert str(info.value).startswith(
+        "SyncBatchNorm ranks are out of step: this rank (1 of 3) is in SyncBatchNorm(4).backward of step 2, "
+        "but ranks 0 and 2 are in SyncBatchNorm(4).forward of step 3. Every rank must make the same calls"
+    )
+    # Two different peers, a step mismatch alone, a layer (width) mismatch alone.
+    with pytest.raises(
+        PeerError, match=r"but rank 0 is in allreduce_grads \(8 values\) of step 2; rank 2 is in "
+    ):
+        d._check_heads(_heads((d._GRADS, 2, 8), bwd, fwd), mine, comm, me)
+    with pytest.raises(PeerError, match=r"rank 2 is in SyncBatchNorm\(4\)\.backward of step 5\."):
+        d._check_heads(_heads(bwd, bwd, (d._BACKWARD, 5, 4)), mine, comm, me)
+    with pytest.raises(PeerError, match=r"rank 0 is in SyncBatchNorm\(6\)\.backward of step 2\."):
+        d._check_heads(_heads((d._BACKWARD, 2, 6), bwd, bwd), mine, comm, me)
+    # A failed peer; a stranger's row; lengths that disagree.
+    with pytest.raises(
+        PeerError, match=r"^SyncBatchNorm\(4\)\.backward of step 2 failed on rank 2 of 3 \(see"
+    ):
+        d._check_heads(_heads(bwd, bwd, bwd, flags=(0.0, 0.0, 1.0)), mine, comm, me)
+    stranger = _heads(bwd, bwd, bwd)
+    stranger[0, 0] = 3.0
+    with pytest.raises(PeerError, match="rank 0 sent a row that is not a bnorm header"):
+        d._check_heads(stranger, mine, comm, me)
+    with pytest.raises(PeerError, match="the ranks send 7 and 9 values"):
+        d._check_heads(_heads(bwd, bwd, bwd), _header(*bwd, length=9), comm, me)
+    # Helpers carry no step; a label replaces this rank's name.
+    assert d._Op(d._SUM, 0, 3).describe() == "allreduce_sum (3 values)"
+    assert d._Op(d._SUM, 0, 3, "the test step").describe() == "the test step"
+    assert d._Op(99, 1, 2).describe() == "operation 99"
+
+
+def test_step_counter_counts_completed_training_forwards() -> None:
+    def rank_fn(comm: Any) -> list[int]:
+        bn = bnorm.SyncBatchNorm(2, comm=comm)
+        x = np.arange(8.0).reshape(4, 2)
+        seen = []
+        bn(x)
+        seen.append(bn._sync_step)
+        bn.eval()
+        bn(x)  # evaluation: no collective, not a step
+        seen.append(bn._sync_step)
+        bn.train()
+        with pytest.raises((ValueError, PeerError)):
+            bn(x[:, :1] if comm.Get_rank() == 0 else x)  # rejected on rank 0: not a step anywhere
+        seen.append(bn._sync_step)
+        bn(x)
+        bn.backward(x)
+        bn.recompute_running_stats([x])  # carries the step, does not advance it
+        seen.append(bn._sync_step)
+        return seen
+
+    assert run_ranks(3, rank_fn) == [[1, 1, 1, 2]] * 3
+
+
+def test_timeout_argument_is_checked() -> None:
+    for bad, exc, msg in [
+        ("1", TypeError, "timeout must be a number of seconds or None .no timeout., got str"),
+        (True, TypeError, "timeout must be a number of seconds"),
+        (0, ValueError, "timeout must be a positive, finite number of seconds or None .no timeout., got 0.0"),
+        (-1.5, ValueError, "got -1.5"),
+        (float("nan"), ValueError, "got nan"),
+        (float("inf"), ValueError, "got inf"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            bnorm.SyncBatchNorm(2, timeout=bad)
+    bn = bnorm.SyncBatchNorm(2, timeout=np.float32(2.5))
+    assert bn.timeout == 2.5 and type(bn.timeout) is float
+    with pytest.raises(ValueError, match="timeout must be a positive"):
+        bn.timeout = 0
+    assert bn.timeout == 2.5
+    # Object-form communicators cannot be polled: refused when there is a peer to wait for.
+    object_comm = ObjectComm(_Group(2), 0)
+    with pytest.raises(TypeError, match=r"timeout= needs a communicator with the non-blocking Iallgather"):
+        bnorm.SyncBatchNorm(2, comm=object_comm, timeout=1.0)
+    layer = bnorm.SyncBatchNorm(2, comm=object_comm)
+    with pytest.raises(TypeError, match="Iallgather"):
+        layer.timeout = 1.0
+    assert layer.timeout is None
+    bnorm.SyncBatchNorm(2, comm=ObjectComm(_Group(1), 0), timeout=1.0)  # one rank: nothing to wait for
+    with pytest.raises(ValueError, match="timeout must be a positive"):
+        allreduce_sum(BufferComm(_Group(2), 0), [1.0], timeout=-1)
+
+
+def test_timeout_is_saved_and_restored(tmp_path: Path) -> None:
+    bn = bnorm.SyncBatchNorm(3, timeout=12.5)
+    bnorm.save(tmp_path / "sbn.npz", bn)
+    back = bnorm.load(tmp_path / "sbn.npz")
+    assert type(back) is bnorm.SyncBatchNorm and back.timeout == 12.5 and back.comm is None
+    assert bnorm.SyncBatchNorm.from_batch_norm(bnorm.BatchNorm(3), timeout=4).timeout == 4.0
+
+
+def test_helpers_out_of_step_say_so_without_naming_layers() -> None:
+    def rank_fn(comm: Any) -> str:
+        with pytest.raises(PeerError) as info:
+            if comm.Get_rank() == 0:
+                allreduce_sum(comm, [1.0, 2.0, 3.0])
+            else:
+                allreduce_moments(channel_moments(np.ones((2, 2, 1))), comm)
+        return str(info.value)
+
+    msgs = run_ranks(2, rank_fn)
+    assert msgs[0] == (
+        "The ranks are out of step: this rank (0 of 2) is in allreduce_sum (3 values), but rank 1 is in "
+        "allreduce_moments (2 channels). Every rank must make the same calls in the same order, with the "
+        "same sizes. This call changed no state on any rank"
+    )
+    assert msgs[1].startswith(
+        "The ranks are out of step: this rank (1 of 2) is in allreduce_moments (2 channels)"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6]), st.integers(0, 3), st.integers(1, 3), st.booleans()),
+        min_size=2,
+        max_size=5,
+    ),
+    rank=st.integers(0, 4),
+)
+def test_any_disagreement_raises_naming_both_sides(rows: list[tuple[int, int, int, bool]], rank: int) -> None:
+    """Whatever the ranks announce, a rank passes only if all agree, else PeerError names the peers."""
+    from bnorm import distributed as d
+
+    rank %= len(rows)
+    heads = np.zeros((len(rows), 8))
+    for r, (code, step, width, failed) in enumerate(rows):
+        heads[r, :6] = (d._MAGIC, 1.0 if failed and r != rank else 0.0, code, step, width, 2 * width)
+    op = d._Op(rows[rank][0], rows[rank][1], rows[rank][2])
+    header = heads[rank].copy()
+    others = [r for r in range(len(rows)) if r != rank]
+    differ = [r for r in others if rows[r][:3] != rows[rank][:3]]
+    failed = [r for r in others if rows[r][3]]
+    comm = BufferComm(_Group(len(rows)), rank)
+    if not differ and not failed:
+        d._check_heads(heads, header, comm, op)
+        return
+    with pytest.raises(PeerError) as info:
+        d._check_heads(heads, header, comm, op)
+    msg = str(info.value)
+    if differ:  # out of step takes precedence over a peer's failure
+        assert f"this rank ({rank} of {len(rows)}) is in {op.describe()}, but " in msg
+        for r in differ:
+            theirs = re.escape(d._op_of(heads[r]).describe())
+            assert re.search(rf"\branks? [^;]*\b{r}\b[^;]* (is|are) in {theirs}(;|\.)", msg), (r, msg)
+    else:
+        named = re.search(r"failed on ranks? ([\d, and]+) of \d", msg)
+        assert named is not None and sorted(map(int, re.findall(r"\d+", named.group(1)))) == failed, msg
+
+
+def test_timeouts_reach_allreduce_grads_and_running_stats() -> None:
+    """allreduce_grads takes the layers' timeout; RunningStats.allreduce takes its own."""
+    from bnorm.distributed import PeerTimeoutError
+    from bnorm.preprocessing import RunningStats
+
+    def rank0(comm: Any) -> list[str]:
+        bn = bnorm.SyncBatchNorm(2, comm=comm, timeout=0.2)
+        bn.grad_weight, bn.grad_bias = np.ones(2, np.float32), np.ones(2, np.float32)
+        msgs = []
+        with pytest.raises(PeerTimeoutError) as info:
+            bnorm.distributed.allreduce_grads([bn])
+        msgs.append(str(info.value))
+        assert_array_equal(bn.grad_weight, np.ones(2))  # unchanged
+        with pytest.raises(PeerTimeoutError) as info:
+            RunningStats().update(np.ones((3, 2))).allreduce(comm.Dup(), timeout=0.2)
+        msgs.append(str(info.value))
+        return msgs
+
+    # Rank 1 never calls anything, so rank 0 runs alone (its Dup cannot be collective either).
+    comm = BufferComm(_Group(2), 0)
+    comm.Dup = lambda: BufferComm(_Group(2), 0)  # type: ignore[method-assign]
+    msgs = rank0(comm)
+    assert msgs[0].startswith("allreduce_grads (4 values) of step 0 timed out after 0.2 s on rank 0 of 2")
+    assert msgs[1].startswith("allreduce_running_stats timed out after 0.2 s on rank 0 of 2")

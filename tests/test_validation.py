@@ -252,3 +252,113 @@ def test_layer_dtype_and_types():
         bnorm.BatchNorm1d(3, momentum="0.1")
     with pytest.raises(ValueError, match="eps must be > 0"):
         bnorm.BatchNorm1d(3, eps=0)
+
+
+# -- inputs NumPy would take silently or with a message that names nothing ---------
+MASKED = np.ma.masked_array(X, mask=X > 2)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: bnorm.BatchNorm1d(3)(MASKED),
+        lambda: bnorm.SyncBatchNorm(3)(MASKED),
+        lambda: batch_norm(MASKED, None, None, training=True),
+        lambda: bnorm.LayerNorm(3)(MASKED),
+        lambda: bnorm.GroupNorm(1, 3)(MASKED[:, :, None]),
+        lambda: bnorm.InstanceNorm1d(3)(MASKED[:, :, None] * np.ones(2)),
+        lambda: bnorm.BatchNorm1d(3).recompute_running_stats([MASKED]),
+    ],
+    ids=[
+        "BatchNorm1d",
+        "SyncBatchNorm",
+        "batch_norm",
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "recompute",
+    ],
+)
+def test_masked_arrays_are_refused_with_how_to_pass_them(call):
+    with pytest.raises(TypeError, match=r"is a masked array; bnorm does not honour masks.*\.filled\(value\)"):
+        call()
+
+
+def test_masked_grad_output_is_refused():
+    _, ctx = batch_norm_forward(X, None, None, training=True)
+    with pytest.raises(TypeError, match=r"grad_output is a masked array.*\.compressed\(\)"):
+        batch_norm_backward(MASKED, ctx)
+
+
+def test_ragged_input_names_the_argument():
+    with pytest.raises(ValueError, match="input must be a rectangular array, got a ragged nested sequence"):
+        bnorm.BatchNorm1d(2)([[1.0, 2.0], [3.0]])
+    with pytest.raises(ValueError, match="x must be a rectangular array, got a ragged"):
+        bnorm.LayerNorm(2)([[1.0, 2.0], [3.0]])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [bnorm.BatchNorm1d, bnorm.LayerNorm, bnorm.InstanceNorm1d, lambda c, **kw: bnorm.GroupNorm(1, c, **kw)],
+)
+def test_unknown_dtype_names_the_argument(make):
+    with pytest.raises(TypeError, match=r"dtype must be a floating dtype such as np\.float32 .*got 'banana'"):
+        make(3, dtype="banana")
+
+
+def test_convention_of_the_wrong_type():
+    with pytest.raises(TypeError, match=r"convention must be a str, one of 'torch'.*got list \['keras'\]"):
+        bnorm.BatchNorm1d(3, convention=["keras"])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: bnorm.BatchNorm1d(3, eps=float("nan")),
+        lambda: bnorm.LayerNorm(3, eps=float("nan")),
+        lambda: batch_norm(X, None, None, training=True, eps=float("nan")),
+        lambda: bnorm.functional.group_norm(X[:, :, None], 1, eps=float("nan")),
+    ],
+)
+def test_nan_eps_names_the_argument(call):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got nan"):
+        call()
+
+
+# -- backward's out= -------------------------------------------------------------
+def _forward_backward(seed=0, shape=(16, 3, 5)):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(2.0, 3.0, size=shape)
+    _, ctx = batch_norm_forward(x, None, None, rng.normal(size=3), None, training=True)
+    return x, ctx, rng.normal(size=shape)
+
+
+def test_backward_refuses_out_over_the_saved_input_and_changes_nothing():
+    x, ctx, g = _forward_backward()
+    expected, _, _ = batch_norm_backward(g, ctx)
+    kept = x.copy()
+    for out in (x, x[...], x.reshape(x.shape)):
+        with pytest.raises(ValueError, match="out overlaps the forward input saved in ctx"):
+            batch_norm_backward(g, ctx, out=out)
+    np.testing.assert_array_equal(x, kept)
+    np.testing.assert_array_equal(batch_norm_backward(g, ctx)[0], expected)  # a second backward is right
+
+
+def test_backward_refuses_out_partially_over_the_input():
+    buf = np.random.default_rng(1).normal(size=2 * 48)
+    x = buf[:48].reshape(16, 3)
+    _, ctx = batch_norm_forward(x, None, None, training=True)
+    with pytest.raises(ValueError, match="out overlaps the forward input"):
+        batch_norm_backward(np.ones((16, 3)), ctx, out=buf[24:72].reshape(16, 3))
+
+
+def test_backward_into_grad_output_itself_is_exact_but_a_shifted_view_is_refused():
+    _, ctx, g = _forward_backward()
+    expected, _, _ = batch_norm_backward(g, ctx)
+    g2 = g.copy()
+    dx, _, _ = batch_norm_backward(g2, ctx, out=g2)
+    assert dx is g2
+    np.testing.assert_array_equal(dx, expected)
+    buf = np.concatenate([g.ravel(), g.ravel()])
+    with pytest.raises(ValueError, match="out partially overlaps grad_output"):
+        batch_norm_backward(buf[: g.size].reshape(g.shape), ctx, out=buf[5 : 5 + g.size].reshape(g.shape))

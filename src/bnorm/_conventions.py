@@ -144,21 +144,25 @@ class RunningAverage:
     def cumulative(self) -> bool:
         return self.momentum is None and self.decay is None
 
-    def update(self, running: np.ndarray, batch: np.ndarray, num_batches_tracked: int = 0) -> np.ndarray:
-        """The new running value (a new array; `running` is not modified).
+    def blend(self, running: np.ndarray, batch: np.ndarray, num_batches_tracked: int = 0) -> np.ndarray:
+        """The new running value in float64 (a new array; `running` is not modified).
 
-        The arithmetic runs in float64 on the per-channel vectors and is cast to
-        the buffer's dtype once, as a framework that keeps float32 buffers
-        computes ``a * r + b * x`` with float32 rounding of a float64 result up
-        to one ulp.
+        The arithmetic runs in float64 on the per-channel vectors; the caller
+        casts it to the buffer's dtype once (see :mod:`bnorm._running`, which
+        checks the cast), as a framework that keeps float32 buffers computes
+        ``a * r + b * x`` with float32 rounding of a float64 result up to one ulp.
         """
         r = running.astype(np.float64)
         if self.decay is not None:
-            new = r * self.decay + batch * (1.0 - self.decay)
+            new: np.ndarray = r * self.decay + batch * (1.0 - self.decay)
         else:
             m = 1.0 / num_batches_tracked if self.momentum is None else self.momentum
             new = (1.0 - m) * r + m * batch
-        return new.astype(running.dtype, copy=False)
+        return new
+
+    def update(self, running: np.ndarray, batch: np.ndarray, num_batches_tracked: int = 0) -> np.ndarray:
+        """:meth:`blend` cast to the buffer's dtype, unchecked (a new array)."""
+        return self.blend(running, batch, num_batches_tracked).astype(running.dtype, copy=False)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,6 +207,12 @@ def resolve_layer_convention(
     Returns ``(running_average, eps, axis, unbiased_running_var)``.
     """
     if convention is not None:
+        if not isinstance(convention, str):
+            valid = ", ".join(repr(k) for k in CONVENTIONS)
+            raise TypeError(
+                f"convention must be a str, one of {valid} (or None), "
+                f"got {type(convention).__name__} {convention!r}"
+            )
         if convention not in CONVENTIONS:
             valid = ", ".join(repr(k) for k in CONVENTIONS)
             raise ValueError(f"convention must be one of {valid} (or None), got {convention!r}")

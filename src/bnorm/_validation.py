@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "as_array",
     "as_float_input",
+    "check_float_dtype",
     "check_bool",
     "check_call",
     "channels_last_hint",
@@ -150,6 +152,46 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+def as_array(x: Any, name: str = "input") -> np.ndarray:
+    """`x` as an ndarray, refusing what :func:`numpy.asarray` would get silently wrong.
+
+    A masked array is refused (TypeError): ``np.asarray`` drops its mask, so the
+    masked values would be normalized and would enter the statistics.  bnorm
+    does not honour masks -- statistics over a ragged set of positions are a
+    different operation -- so the message says how to pass the data.  A ragged
+    nested sequence is a ValueError naming `name`.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array; bnorm does not honour masks (the masked values would be "
+            f"normalized and enter the statistics): pass {name}.filled(value) to choose the masked "
+            f"entries' value, or drop them first ({name}.compressed() for 1-D data, or select the "
+            "unmasked rows)"
+        )
+    try:
+        return np.asarray(x)
+    except ValueError as err:
+        if "inhomogeneous" not in str(err) and "sequence" not in str(err):
+            raise
+        raise ValueError(
+            f"{name} must be a rectangular array, got a ragged nested sequence (rows of different "
+            "lengths); pad the rows to one length or pass a NumPy array"
+        ) from err
+
+
+def check_float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
+    """A parameter/buffer dtype: a NumPy floating dtype (float16, float32, float64, ...)."""
+    try:
+        dt: np.dtype[Any] = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(
+            f"{name} must be a floating dtype such as np.float32 or 'float64', got {dtype!r} ({err})"
+        ) from err
+    if dt.kind != "f":
+        raise TypeError(f"{name} must be a floating dtype, got {dt}")
+    return dt
+
+
 def as_float_input(x: Any, name: str = "input") -> np.ndarray:
     """Return `x` as a floating ndarray, promoting integers and bools to float64.
 
@@ -158,7 +200,7 @@ def as_float_input(x: Any, name: str = "input") -> np.ndarray:
     string and other dtypes raise TypeError, because batch statistics of them are
     not defined.
     """
-    arr = np.asarray(x)
+    arr = as_array(x, name)
     kind = arr.dtype.kind
     if kind == "f":
         return arr

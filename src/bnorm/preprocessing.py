@@ -261,18 +261,21 @@ class RunningStats:
             self.feature_shape = other.feature_shape
         return self
 
-    def allreduce(self, comm: Any) -> RunningStats:
+    def allreduce(self, comm: Any, *, timeout: float | None = None) -> RunningStats:
         """Merge with the RunningStats of every rank of `comm` (MPI); returns self.
 
         Every rank ends with the exact statistics of all ranks' data (Chan
         merge in rank order, so bitwise identical everywhere; ranks without
-        data take part and receive the result).  One collective: every rank
+        data take part and receive the result).  Collective: every rank
         of `comm` must call it.  See :func:`bnorm.distributed.allreduce_running_stats`.
 
         Parameters
         ----------
         comm : mpi4py communicator or None
             None, or a single rank, leaves the statistics as they are.
+        timeout : float or None, keyword-only
+            Seconds to wait for the peers (None: no limit); see
+            :class:`bnorm.distributed.PeerTimeoutError`.
 
         Examples
         --------
@@ -281,7 +284,7 @@ class RunningStats:
         """
         from .distributed import allreduce_running_stats
 
-        result: RunningStats = allreduce_running_stats(self, comm)
+        result: RunningStats = allreduce_running_stats(self, comm, timeout=timeout)
         return result
 
     def reset(self) -> None:

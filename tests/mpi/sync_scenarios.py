@@ -2,13 +2,18 @@
 
 Each rank builds the same global batch from a shared seed, runs its shard
 through SyncBatchNorm and checks the results against single-process BatchNorm
-on the whole (concatenated) batch.  Used by ``tests/test_sync.py`` (ranks as
-threads over a fake communicator) and ``tests/mpi/run_sync.py`` (ranks as MPI
-processes under ``mpiexec -n 3``).
+on the whole (concatenated) batch; the failure scenarios put one rank out of
+step (an extra forward, allreduce_grads against backward, evaluation mode,
+another layer, a rebuilt layer, a peer that never arrives) and check that
+every rank raises, with the message, and that no state changed.  Used by
+``tests/test_sync.py`` (ranks as threads over a fake communicator) and
+``tests/mpi/run_sync.py`` (ranks as MPI processes under ``mpiexec -n 3``).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +23,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import bnorm
 from bnorm.distributed import (
     PeerError,
+    PeerTimeoutError,
     allgather_rows,
     allreduce_grads,
     allreduce_running_stats,
@@ -33,6 +39,8 @@ class Counting:
     def __init__(self, comm: Any) -> None:
         self.comm = comm
         self.calls = 0
+        if hasattr(comm, "Iallgather"):  # only where the wrapped communicator has it
+            self.Iallgather = self._iallgather
 
     def Get_size(self) -> int:
         return int(self.comm.Get_size())
@@ -46,6 +54,10 @@ class Counting:
             self.comm.Allgather(send, recv)
         else:
             recv[...] = np.stack(self.comm.allgather(np.array(send)))
+
+    def _iallgather(self, send: Any, recv: Any) -> Any:
+        self.calls += 1
+        return self.comm.Iallgather(send, recv)
 
 
 def _bounds(shards: list[int], rank: int) -> tuple[int, int]:
@@ -70,6 +82,7 @@ def check_training(
     steps: int = 3,
     momentum_none: bool = False,
     seed: int = 0,
+    timeout: float | None = None,
 ) -> None:
     """Forward, grad_input, summed grads, running stats and eval == BatchNorm on the whole batch."""
     rank = int(comm.Get_rank())
@@ -84,7 +97,7 @@ def check_training(
     if momentum_none:
         kw["momentum"] = None
     ref = bnorm.BatchNorm(c, **kw)
-    bn = bnorm.SyncBatchNorm(c, comm=counting, **kw)
+    bn = bnorm.SyncBatchNorm(c, comm=counting, timeout=timeout, **kw)
     lo, hi = _bounds(shards, rank)
     rng = np.random.default_rng(seed)
     gamma = rng.uniform(0.5, 2.0, c)
@@ -103,7 +116,8 @@ def check_training(
         before = counting.calls
         y = bn(x[lo:hi])
         dx = bn.backward(g[lo:hi])
-        assert counting.calls == before + 2, "one collective forward, one backward"
+        # One operation forward, one backward; each is a header and a payload exchange.
+        assert counting.calls == before + 4, "two exchanges forward, two backward"
         assert_allclose(y, y_ref[lo:hi], **TIGHT)
         assert_allclose(dx, dx_ref[lo:hi], **TIGHT)
         # This rank's contributions: dbeta = sum(g), dgamma = sum(g * x_hat) over the shard.
@@ -134,17 +148,23 @@ def check_training(
     assert_allclose(dx, dx_ref[lo:hi], **TIGHT)
 
 
-def _expect(rank: int, bad: int, exc: type[BaseException], match: str, fn: Callable[[], Any]) -> None:
-    """Rank `bad` must raise `exc` matching `match`; every other rank PeerError."""
-    import re
-
-    want, pattern = (exc, match) if rank == bad else (PeerError, f"failed on rank {bad} of")
+def _raises(rank: int, exc: type[BaseException], pattern: str, fn: Callable[[], Any]) -> BaseException:
+    """`fn()` must raise exactly `exc` (not a subclass) with a message matching `pattern`."""
     try:
         fn()
-    except want as e:
-        assert re.search(pattern, str(e)), f"rank {rank}: {e!r} does not match {pattern!r}"
-    else:
-        raise AssertionError(f"rank {rank}: expected {want.__name__}")
+    except BaseException as e:
+        if type(e) is not exc or not re.search(pattern, str(e)):
+            raise AssertionError(
+                f"rank {rank}: expected {exc.__name__} matching {pattern!r}, got {e!r}"
+            ) from e
+        return e
+    raise AssertionError(f"rank {rank}: expected {exc.__name__} matching {pattern!r}, nothing raised")
+
+
+def _expect(rank: int, bad: int, exc: type[BaseException], match: str, fn: Callable[[], Any]) -> None:
+    """Rank `bad` must raise `exc` matching `match`; every other rank PeerError."""
+    want, pattern = (exc, match) if rank == bad else (PeerError, f"failed on rank {bad} of")
+    _raises(rank, want, pattern, fn)
 
 
 def _state(bn: Any) -> list[np.ndarray]:
@@ -269,6 +289,252 @@ def check_moments_and_running_stats(comm: Any, shards: list[int]) -> None:
         raise AssertionError("expected ValueError")
 
 
+def _snapshot(bn: Any) -> list[Any]:
+    """Everything a failed call must leave unchanged: buffers, gradients, the step counter."""
+    arrays = (bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.grad_weight, bn.grad_bias)
+    return [None if a is None else np.array(a, copy=True) for a in arrays] + [bn._sync_step]
+
+
+def _unchanged(bn: Any, before: list[Any]) -> None:
+    for a, b in zip(_snapshot(bn), before, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b), (a, b)
+
+
+def _batches(data: np.ndarray, lo: int, hi: int, chunk: int) -> list[np.ndarray]:
+    return [data[i : min(i + chunk, hi)] for i in range(lo, hi, chunk)]
+
+
+def check_recompute(comm: Any, shards: list[int], *, chunk: int = 2) -> None:
+    """recompute_running_stats merges every rank's batches (empty ranks too); identical buffers."""
+    rank, size = int(comm.Get_rank()), int(comm.Get_size())
+    c = 3
+    rng = np.random.default_rng(sum(shards))
+    data = rng.normal(5.0, 2.0, size=(sum(shards), c, 2)) + 1e3  # offset: the Chan merge keeps precision
+    bounds = [_bounds(shards, r) for r in range(size)]
+    ref = bnorm.BatchNorm(c, dtype=np.float64)
+    ref.recompute_running_stats([b for lo, hi in bounds for b in _batches(data, lo, hi, chunk)])
+    bn = bnorm.SyncBatchNorm(c, comm=comm, dtype=np.float64)
+    mine = _batches(data, *bounds[rank], chunk)
+    assert bn.recompute_running_stats(iter(mine)) is bn  # a generator; [] on an empty shard
+    assert_allclose(bn.running_mean, ref.running_mean, rtol=1e-13)
+    assert_allclose(bn.running_var, ref.running_var, rtol=1e-9)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked)  # all ranks' batches
+    _same_on_all_ranks(comm, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+
+    # One rank's bad batch, or its iterator failing, raises on every rank; nothing changes.
+    before = _snapshot(bn)
+    bad = [*mine, data[:1, :2]] if rank == 1 else mine
+    _expect(rank, 1, ValueError, "expected input with 3 channels", lambda: bn.recompute_running_stats(bad))
+
+    def broken() -> Any:
+        yield from mine
+        raise OSError("shard file vanished")
+
+    _expect(
+        rank,
+        size - 1,
+        OSError,
+        "shard file vanished",
+        lambda: bn.recompute_running_stats(broken() if rank == size - 1 else mine),
+    )
+    _unchanged(bn, before)
+    # No values anywhere: the same ValueError on every rank, from the same merged count.
+    _raises(
+        rank,
+        ValueError,
+        "more than 1 value.s. per channel .* got 0",
+        lambda: bn.recompute_running_stats([data[:0]] if rank == 0 else []),
+    )
+    _unchanged(bn, before)
+
+
+def _who(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]} is"
+    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]} are"
+
+
+def _new_layer(comm: Any, c: int = 3, **kw: Any) -> Any:
+    bn = bnorm.SyncBatchNorm(c, comm=comm, dtype=np.float64, **kw)
+    bn.weight[...] = np.linspace(0.5, 2.0, c)
+    return bn
+
+
+def check_out_of_step(comm: Any) -> None:
+    """Out-of-step ranks raise PeerError on every rank, naming both sides; nothing changes."""
+    rank, size = int(comm.Get_rank()), int(comm.Get_size())
+    others = [r for r in range(size) if r != 0]
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4, 3, 2)) + rank
+    g = rng.normal(size=x.shape)
+    bn = _new_layer(comm)
+    bn(x)
+    bn.backward(g)
+
+    # 1. An extra forward on rank 0: its forward of step 3 meets the others' backward of step 2.
+    bn(x)
+    before = _snapshot(bn)
+    if rank == 0:
+        pattern = (
+            rf"^SyncBatchNorm ranks are out of step: this rank \(0 of {size}\) is in "
+            rf"SyncBatchNorm\(3\)\.forward of step 3, but {_who(others)} in "
+            r"SyncBatchNorm\(3\)\.backward of step 2\. Every rank must make the same calls"
+        )
+        _raises(rank, PeerError, pattern, lambda: bn(x))
+    else:
+        pattern = (
+            rf"this rank \({rank} of {size}\) is in SyncBatchNorm\(3\)\.backward of step 2, "
+            r"but rank 0 is in SyncBatchNorm\(3\)\.forward of step 3\."
+        )
+        _raises(rank, PeerError, pattern, lambda: bn.backward(g))
+    _unchanged(bn, before)
+    # Every rank made the same exchanges, so the layer and communicator still work.
+    bn.backward(g)
+    bn.allreduce_grads()
+
+    # 2. allreduce_grads on rank 1 while the others run backward (same row length on main:
+    #    they paired silently, with wrong gradients everywhere, and then hung).
+    bn(x)
+    before = _snapshot(bn)
+    if rank == 1:
+        _raises(
+            rank,
+            PeerError,
+            r"this rank \(1 of \d\) is in allreduce_grads \(6 values\) of step 3, but ranks? [\d, and]+ "
+            r"(is|are) in SyncBatchNorm\(3\)\.backward of step 3\.",
+            bn.allreduce_grads,
+        )
+    else:
+        _raises(
+            rank,
+            PeerError,
+            r"is in SyncBatchNorm\(3\)\.backward of step 3, but rank 1 is in allreduce_grads \(6 values\) of step 3",
+            lambda: bn.backward(g),
+        )
+    _unchanged(bn, before)
+    bn.backward(g)
+    bn.allreduce_grads()
+
+    # 3. One rank in evaluation mode: it makes no collective, so the training ranks wait at
+    #    their forward; its next collective (allreduce_grads) meets their forward and every
+    #    rank raises instead of pairing them.
+    eval_rank = size - 1
+    before = _snapshot(bn)
+    if rank == eval_rank:
+        bn.eval()
+        bn(x)
+        bn.backward(g)  # evaluation backward: this rank's gradients, no collective
+        before = _snapshot(bn)
+        _raises(
+            rank,
+            PeerError,
+            rf"this rank \({eval_rank} of {size}\) is in allreduce_grads \(6 values\) of step 3, but "
+            r"ranks? [\d, and]+ (is|are) in SyncBatchNorm\(3\)\.forward of step 4",
+            bn.allreduce_grads,
+        )
+        bn.train()
+    else:
+        _raises(
+            rank,
+            PeerError,
+            rf"is in SyncBatchNorm\(3\)\.forward of step 4, but rank {eval_rank} is in allreduce_grads",
+            lambda: bn(x),
+        )
+    _unchanged(bn, before)
+    y = bn(x)  # all in training again: step 4 everywhere
+    assert bn._sync_step == 4 and y.shape == x.shape
+    bn.backward(g)
+
+    # 4. Another layer on one rank (rows of different lengths: on main, MPI's
+    #    "Message truncated" on some ranks and garbage on others).
+    wide = _new_layer(comm, 5)
+    xw = rng.normal(size=(4, 5)) + rank
+    if rank == 0:
+        _raises(
+            rank,
+            PeerError,
+            r"is in SyncBatchNorm\(5\)\.forward of step 1, but ranks? [\d, and]+ (is|are) in "
+            r"SyncBatchNorm\(3\)\.forward of step 5",
+            lambda: wide(xw),
+        )
+    else:
+        _raises(rank, PeerError, r"but rank 0 is in SyncBatchNorm\(5\)\.forward of step 1\.", lambda: bn(x))
+
+    # 5. A layer rebuilt on one rank (from a checkpoint, say) restarts its step count.
+    fresh = bnorm.SyncBatchNorm.from_batch_norm(bn, comm) if rank == 1 else bn
+    _raises(
+        rank,
+        PeerError,
+        r"out of step: .*forward of step 1\b"
+        if rank != 1
+        else r"is in SyncBatchNorm\(3\)\.forward of step 1, ",
+        lambda: fresh(x),
+    )
+
+    # Still in step after all this: one more normal step agrees on every rank.
+    bn(x)
+    bn.backward(g)
+    bn.allreduce_grads()
+    _same_on_all_ranks(comm, bn.running_mean, bn.running_var, bn.grad_weight, bn.grad_bias)
+
+
+def check_timeout(comm: Any, seconds: float = 0.3) -> None:
+    """A peer that never arrives (evaluation mode) raises PeerTimeoutError on the waiting ranks.
+
+    Runs on a duplicate of `comm`: after a timeout the communicator holds an
+    abandoned collective; the late rank then joins it raw so that it completes.
+    """
+    from bnorm import distributed
+
+    rank, size = int(comm.Get_rank()), int(comm.Get_size())
+    sub = comm.Dup()
+    try:
+        late = 1
+        bn = _new_layer(sub, timeout=seconds)
+        x = np.random.default_rng(rank).normal(size=(3, 3))
+        bn(x)  # step 1, every rank in time
+        before = _snapshot(bn)
+        if rank == late:
+            bn.eval()
+            bn(x)  # no collective: the others wait for this rank
+            bn.train()
+        else:
+            t0 = time.monotonic()
+            e = _raises(
+                rank,
+                PeerTimeoutError,
+                rf"^SyncBatchNorm\(3\)\.forward of step 2 timed out after {seconds:g} s on rank {rank} of "
+                rf"{size}: a peer did not join .* abort the job \(comm\.Abort\(\)\)$",
+                lambda: bn(x),
+            )
+            waited = time.monotonic() - t0
+            assert isinstance(e, TimeoutError) and isinstance(e, PeerError)
+            assert seconds <= waited < seconds + 5.0, waited
+            _unchanged(bn, before)
+            # The communicator is unusable from now on: refused at once, nothing changed.
+            t0 = time.monotonic()
+            _raises(
+                rank,
+                PeerError,
+                r"forward of step 2 cannot run on rank \d: an earlier SyncBatchNorm\(3\)\.forward of step 2 "
+                r"timed out on this communicator",
+                lambda: bn(x),
+            )
+            assert time.monotonic() - t0 < 0.5
+            _unchanged(bn, before)
+        comm.Barrier()
+        # Clean up for the next scenarios: the late rank joins the abandoned header exchange.
+        # (Non-blocking: MPI never pairs a blocking collective with a non-blocking one.)
+        if rank == late:
+            sub.Iallgather(np.zeros(8), np.empty((size, 8))).Wait()
+        for a in [a for a in distributed._ABANDONED if a.comm is sub]:
+            a.request.Wait()
+            distributed._ABANDONED.remove(a)
+    finally:
+        if hasattr(sub, "Free"):
+            sub.Free()
+
+
 def run_all(comm: Any) -> None:
     """Every scenario, for a 3-rank communicator."""
     for shards in ([3, 1, 5], [2, 0, 4]):
@@ -277,6 +543,11 @@ def run_all(comm: Any) -> None:
         check_training(comm, shards, convention="keras", tail=(2, 2))
     check_training(comm, [0, 3, 2], convention="torch", tail=(), momentum_none=True)
     check_training(comm, [2, 0, 4], convention="onnx", tail=(2, 1, 2))
+    check_training(comm, [3, 1, 5], timeout=60.0, steps=2)
     check_errors(comm)
     check_moments_and_running_stats(comm, [3, 1, 5])
     check_moments_and_running_stats(comm, [2, 0, 4])
+    check_recompute(comm, [3, 1, 5])
+    check_recompute(comm, [4, 0, 3])
+    check_out_of_step(comm)
+    check_timeout(comm)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from typing import IO, Any
 
+from .._files import write_atomic
 from .experiment import PERCENTILES, ExperimentResult, History
 
 # The example runs an experiment on scikit-learn's digits (see the repository's src/conftest.py).
@@ -34,25 +33,6 @@ __all__ = [
 MODEL_TITLES = {"mlp": "MLP 3x100 sigmoid", "cnn": "CNN conv3x3-pool-conv3x3-pool-linear, ReLU"}
 #: What the percentile panels track.
 PROBE_NAMES = {"mlp": "input of one last-hidden-layer sigmoid", "cnn": "input of the 2nd ReLU, channel 0"}
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> str:
-    """Write `path` through a temporary file in its directory and :func:`os.replace`."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bnorm-demo-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def describe_run(result: ExperimentResult) -> str:
@@ -137,7 +117,7 @@ def write_json(result: ExperimentResult, path: str | os.PathLike[str]) -> str:
     def write(fh: IO[bytes]) -> None:
         fh.write(text.encode())
 
-    return _atomic_write(path, write)
+    return write_atomic(path, write)
 
 
 def figure_name(model: str) -> str:
@@ -172,7 +152,7 @@ def plot_figure(result: ExperimentResult, path: str | os.PathLike[str]) -> str:
     with matplotlib.rc_context({"font.size": 11}):
         fig = _draw(result, Figure(figsize=(13, 4.2), dpi=FIGURE_DPI, layout="constrained"))
         FigureCanvasAgg(fig)
-        return _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=FIGURE_DPI))
+        return write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=FIGURE_DPI))
 
 
 def _draw(result: ExperimentResult, fig: Any) -> Any:

@@ -9,7 +9,21 @@ import numpy as np
 from .._validation import as_float_input, describe
 from ._kernels.buffers import empty_output
 
-__all__ = ["check_out", "check_grad_output", "start_backward", "param_grads"]
+__all__ = ["check_out", "overlaps", "check_grad_output", "start_backward", "param_grads"]
+
+# Bound on np.shares_memory's exact search; beyond it an overlap is assumed (refusing
+# is the safe answer).  A C-contiguous `out` against any view is decided in a few steps.
+_OVERLAP_MAX_WORK = 100_000
+
+
+def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `a` and `b` share any element of memory (exactly, or conservatively if too hard)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=_OVERLAP_MAX_WORK))  # type: ignore[arg-type]
+    except np.exceptions.TooHardError:
+        return True
 
 
 def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], name: str = "out") -> np.ndarray:
@@ -45,7 +59,23 @@ def start_backward(
         raise TypeError(f"ctx must be the {cls.__name__} returned by {forward}, got {describe(ctx)}")
     x: np.ndarray = ctx.input
     g = check_grad_output(grad_output, x)
-    dx = empty_output(x.shape, x.dtype) if out is None else check_out(out, x.shape, x.dtype)
+    if out is None:
+        return x, g, empty_output(x.shape, x.dtype)  # a dropped output's memory, if any
+    dx = check_out(out, x.shape, x.dtype)
+    # The forward's input is read by this backward and by any later one on the same
+    # ctx: writing grad_input over it would make a second backward silently wrong.
+    if overlaps(dx, x):
+        raise ValueError(
+            "out overlaps the forward input saved in ctx (e.g. out=x): backward would overwrite "
+            "the input that this and any later backward read; pass a separate array, or "
+            "out=grad_output to reuse the gradient's memory"
+        )
+    # out=grad_output itself is fine (each element is read before it is written);
+    # a shifted view of it is not.
+    if overlaps(dx, g) and not (dx.ctypes.data == g.ctypes.data and dx.strides == g.strides):
+        raise ValueError(
+            "out partially overlaps grad_output: pass out=grad_output itself or a separate array"
+        )
     return x, g, dx
 
 

@@ -9,13 +9,14 @@ keep none.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from .._conventions import RunningAverage
+from .._running import NonFinitePolicy, stage_running_update
+from .._running import check_policy as _check_policy
 from .._validation import (
     as_float_input,
     check_bool,
@@ -25,7 +26,7 @@ from .._validation import (
     normalize_axis,
     shape_text,
 )
-from ._common import check_out, param_grads, start_backward
+from ._common import check_out, overlaps, param_grads, start_backward
 from ._kernels import direct as _direct
 from ._kernels import kernel_for
 from ._kernels.buffers import empty_output
@@ -40,9 +41,6 @@ __all__ = [
     "NonFinitePolicy",
     "StatsReducer",
 ]
-
-NonFinitePolicy = Literal["skip", "raise", "propagate"]
-_NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
 # The functional default for `momentum`.  `momentum is _DEFAULT_MOMENTUM` tells the
 # default from a value the caller passed (a literal 0.1 in the caller's code is a
@@ -127,13 +125,6 @@ def _running_average(momentum: Any, decay: Any) -> RunningAverage:
     if plain and len(_RUNNING) < 64:
         _RUNNING[(momentum, decay)] = running
     return running
-
-
-def _check_policy(on_nonfinite: Any) -> None:
-    if on_nonfinite not in _NONFINITE_POLICIES:
-        raise ValueError(
-            f"on_nonfinite must be one of {', '.join(map(repr, _NONFINITE_POLICIES))}, got {on_nonfinite!r}"
-        )
 
 
 def _forward(
@@ -236,28 +227,19 @@ def _forward(
     new_rm = new_rv = None
     if batch_stats and training and n > 0 and (rm is not None or rv is not None):
         assert var is not None
-        # The direct kernels return finite statistics only.
-        finite = written or bool(np.isfinite(mean).all() and np.isfinite(var).all())
-        if finite or on_nonfinite == "propagate":
-            if rm is not None:
-                new_rm = running.update(rm, mean, num_batches_tracked)
-            if rv is not None:
-                batch_var = var * (n / (n - 1)) if unbiased_running_var else var
-                new_rv = running.update(rv, batch_var, num_batches_tracked)
+        # The shared non-finite policy (bnorm._running), checked after the cast to the
+        # buffers' dtype; the direct kernels return finite statistics only.
+        updates = []
+        if rm is not None:
+            updates.append(("running_mean", rm, running.blend(rm, mean, num_batches_tracked)))
+        if rv is not None:
+            batch_var = var * (n / (n - 1)) if unbiased_running_var else var
+            updates.append(("running_var", rv, running.blend(rv, batch_var, num_batches_tracked)))
+        staged = stage_running_update(updates, on_nonfinite, stacklevel=4)
+        if staged is not None:
             stats_updated = True
-        elif on_nonfinite == "raise":
-            raise FloatingPointError(
-                "batch statistics are not finite (NaN or inf in the input); running statistics "
-                "left unchanged. Pass on_nonfinite='skip' to skip such batches or 'propagate' to "
-                "update anyway as PyTorch does"
-            )
-        else:
-            warnings.warn(
-                "batch statistics are not finite (NaN or inf in the input): the running "
-                "statistics were not updated with this batch (on_nonfinite='skip')",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            new_rm = staged[0][1] if rm is not None else None
+            new_rv = staged[-1][1] if rv is not None else None
 
     if not written and x.size:
         # y = (x - mean) * alpha + beta with alpha = gamma * invstd.  PyTorch's CPU kernel
@@ -288,7 +270,7 @@ def _forward(
         count=n if batch_stats else a * nb,
         stats_updated=stats_updated,
         reducer=reducer,
-        input_overwritten=out is not None and bool(np.shares_memory(y, x)),
+        input_overwritten=out is not None and overlaps(y, x),
     )
     return y, ctx
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._conventions import RunningAverage
+from .._running import NonFinitePolicy, check_policy, stage_running_update
 from .._validation import (
     as_float_input,
     check_buffer,
@@ -73,6 +74,8 @@ def instance_norm_forward(
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    on_nonfinite: NonFinitePolicy = "skip",
 ) -> tuple[np.ndarray, InstanceNormContext]:
     r"""Instance-normalize `x`; return the output and the context for backward.
 
@@ -103,6 +106,7 @@ def instance_norm_forward(
     mom = check_fraction(momentum, "momentum")
     assert mom is not None
     eps_f = check_eps(eps, training=False)
+    policy = check_policy(on_nonfinite)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
     plan = grouped_plan(arr, c)  # one group per channel
@@ -123,8 +127,16 @@ def instance_norm_forward(
             # (PyTorch turns the buffers into NaN on an empty batch; bnorm leaves them as they are.)
             average = RunningAverage(momentum=mom)
             unbiased = var * (spatial / (spatial - 1))
-            new_rm = average.update(rm, mean.reshape(n, c).mean(axis=0))
-            new_rv = average.update(rv, unbiased.reshape(n, c).mean(axis=0))
+            staged = stage_running_update(
+                [
+                    ("running_mean", rm, average.blend(rm, mean.reshape(n, c).mean(axis=0))),
+                    ("running_var", rv, average.blend(rv, unbiased.reshape(n, c).mean(axis=0))),
+                ],
+                policy,
+                stacklevel=3,
+            )
+            if staged is not None:
+                new_rm, new_rv = staged[0][1], staged[1][1]
     else:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -165,6 +177,8 @@ def instance_norm(
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    on_nonfinite: NonFinitePolicy = "skip",
 ) -> np.ndarray:
     r"""Normalize each channel of each sample over its spatial positions.
 
@@ -200,6 +214,12 @@ def instance_norm(
         PyTorch's weight on the new statistic.
     eps : float, default 1e-5
         Added to the variance; >= 0.
+    on_nonfinite : {'skip', 'raise', 'propagate'}, default 'skip', keyword-only
+        What an update of the running buffers that would not be finite does
+        (NaN or inf in the input, or statistics that overflow the buffers'
+        dtype): 'skip' leaves them unchanged with a RuntimeWarning, 'raise'
+        raises FloatingPointError (nothing changed), 'propagate' writes it as
+        PyTorch does.  The same policy as batch norm's.
 
     Returns
     -------
@@ -229,7 +249,9 @@ def instance_norm(
     >>> rm, rv                       # 0.1 * mean, 0.9 + 0.1 * unbiased var
     (array([0.2, 0.2]), array([1. , 2.1]))
     """
-    y, _ = instance_norm_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    y, _ = instance_norm_forward(
+        x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, on_nonfinite=on_nonfinite
+    )
     return y
 
 

@@ -32,6 +32,46 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+def _checked_value(key: str, src: np.ndarray, dtype: np.dtype[Any], *, nonnegative: bool) -> np.ndarray:
+    """`src` converted to the state entry's `dtype` (a new array), or raise naming `key`.
+
+    Floating entries (parameters, running statistics) take floating arrays
+    only (an integer or bool array is refused: its dtype says it is not one),
+    and a finite value must stay finite in `dtype` (no silent overflow to
+    inf).  Integer entries (the batch counter) take integer values only, within
+    the range of `dtype` -- a float or a bool is refused rather than rounded.
+    """
+    name = f"state[{key!r}]"
+    if dtype.kind == "f":
+        if src.dtype.kind != "f":
+            raise TypeError(
+                f"{name} must be a floating array (a parameter or running statistic), got dtype "
+                f"{src.dtype}; convert it with .astype(np.{dtype.name}) if the values are right"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = src.astype(dtype, copy=True)
+        overflow = np.isfinite(src) & ~np.isfinite(value)
+        if overflow.any():
+            worst = float(np.max(np.abs(src[overflow])))
+            raise ValueError(
+                f"{name} holds {worst:.6g}, beyond the largest {dtype.name} "
+                f"({float(np.finfo(dtype).max):.6g}); it would load as inf"
+            )
+        if nonnegative and np.any(value < 0):
+            raise ValueError(
+                f"{name} must be >= 0 (it is a variance), got minimum {float(np.nanmin(value))!r}"
+            )
+        return value
+    if src.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array (a counter), got dtype {src.dtype}")
+    info = np.iinfo(dtype)
+    low = 0 if nonnegative else info.min
+    if src.size and (int(src.min()) < low or int(src.max()) > info.max):
+        bad = src.min() if int(src.min()) < low else src.max()
+        raise ValueError(f"{name} must be >= {low} and <= {info.max} (it is {dtype.name}), got {bad}")
+    return src.astype(dtype, copy=True)
+
+
 def _sub_state(state: Mapping[str, Any], prefix: Any, owner: str) -> dict[str, Any]:
     """The entries of `state` under `prefix` (a dotted module path), with the prefix removed."""
     if not isinstance(prefix, str):
@@ -86,6 +126,8 @@ class Module:
     _buffers: tuple[str, ...] = ()
     #: State keys an old checkpoint may lack; loading without them keeps the current value.
     _optional_state: tuple[str, ...] = ("num_batches_tracked",)
+    #: State entries that cannot be negative (a variance, a counter); loading a negative value raises.
+    _nonnegative_state: tuple[str, ...] = ("running_var", "num_batches_tracked")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # Check the call against the subclass's own signature before __init__ runs, so a
@@ -93,7 +135,16 @@ class Module:
         # (No arguments at all is also how copy and pickle create instances: nothing to check.)
         if args or kwargs:
             check_call(cls.__name__, _init_signature(cls), args, kwargs)
-        return super().__new__(cls)
+        self = super().__new__(cls)
+        # Record the constructor's arguments (defaults applied) for _config: some are
+        # not kept as attributes of their own name (``bias=False`` leaves ``bias`` None).
+        try:
+            bound = _init_signature(cls).bind(*args, **kwargs)
+        except TypeError:
+            return self  # copy/pickle: __dict__ (with _init_args) is restored afterwards
+        bound.apply_defaults()
+        object.__setattr__(self, "_init_args", dict(bound.arguments))
+        return self
 
     def __init__(self) -> None:
         self.training = True
@@ -191,10 +242,14 @@ class Module:
             in either mode, when no key starts with it (the message lists the
             prefixes the state holds).
         ValueError
-            If a value's shape differs from the layer's (the message names the
-            key), or ``num_batches_tracked`` is not a non-negative integer.
+            If a value's shape differs from the layer's, a finite value would
+            overflow the layer's dtype, ``running_var`` is negative, or
+            ``num_batches_tracked`` is outside ``[0, 2**63 - 1]`` (each message
+            names the key).
         TypeError
-            If `state` is not a mapping or a value is not numeric.
+            If `state` is not a mapping, a parameter or running statistic is
+            not a floating array (an integer or bool ``weight`` is refused,
+            not converted), or ``num_batches_tracked`` is not an integer array.
 
         Examples
         --------
@@ -240,19 +295,15 @@ class Module:
             if not dst.flags.writeable:
                 raise ValueError(f"{type(self).__name__}.{n} is a read-only array; cannot load into it")
             src = to_numpy(state[n], f"state[{n!r}]")
-            if src.dtype.kind not in "fiub":
-                raise TypeError(f"state[{n!r}] must be a real numeric array, got dtype {src.dtype}")
             if src.shape != dst.shape:
                 raise ValueError(
                     f"state[{n!r}] must have shape {dst.shape} to match {type(self).__name__}, "
                     f"got {src.shape}"
                 )
-            if dst.dtype.kind in "iu":
-                if src.dtype.kind == "f" and not np.all(np.isfinite(src) & (src == np.round(src))):
-                    raise ValueError(f"state[{n!r}] must hold integers, got {src!r}")
-                if np.any(src < 0):
-                    raise ValueError(f"state[{n!r}] must be >= 0, got {src!r}")
-            staged.append((dst, src.astype(dst.dtype, copy=True)))
+            if dst.dtype.kind == "f" and src.dtype.kind in "iu" and not hasattr(state[n], "dtype"):
+                src = src.astype(np.float64)  # Python numbers ([1, 2]) carry no dtype to check
+            value = _checked_value(n, src, dst.dtype, nonnegative=n in self._nonnegative_state)
+            staged.append((dst, value))
         for dst, value in staged:
             dst[...] = value
         return IncompatibleKeys(missing, unexpected)
@@ -260,15 +311,47 @@ class Module:
     def _config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this layer (used by :func:`bnorm.save`).
 
-        By default: every parameter of ``__init__`` that the instance stores
-        under the same attribute name.  Layers whose attributes differ from
-        their arguments override this.
+        For every parameter of ``__init__``: the attribute of the same name
+        when the instance has one (so ``layer.eps = 1e-3`` after construction
+        is saved), except for names that are also state entries (``bias`` is
+        both a flag and an array) -- those, and parameters not stored as
+        attributes, take the value passed to the constructor (recorded by
+        :meth:`__new__`).  A subclass gets this without writing anything;
+        layers whose attributes mean something else than their arguments
+        override it.
         """
         config: dict[str, Any] = {}
-        for name, p in inspect.signature(type(self).__init__).parameters.items():
-            if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        state = {*self._parameters, *self._buffers}
+        recorded: Mapping[str, Any] = self.__dict__.get("_init_args", {})
+        for name, p in _init_signature(type(self)).parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
-            if hasattr(self, name):
+            if name not in state and hasattr(self, name):
                 value = getattr(self, name)
-                config[name] = value.name if isinstance(value, np.dtype) else value
+            elif name in recorded:
+                value = recorded[name]
+            else:
+                continue
+            if isinstance(value, type) and issubclass(value, np.generic):
+                value = np.dtype(value)  # dtype=np.float64 as passed
+            config[name] = value.name if isinstance(value, np.dtype) else value
         return config
+
+    @classmethod
+    def _bound_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`config` as the constructor would see it, defaults filled in (TypeError if it does not bind)."""
+        bound = _init_signature(cls).bind(**config)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        """Shapes of the arrays ``cls(**config)`` allocates, computed without building it.
+
+        :func:`bnorm.load` compares them with the saved arrays before it
+        builds anything, so a tampered size fails fast instead of allocating.
+        None (the default) means unknown: the loader then bounds the product
+        of the configuration's integers instead.  Raises ValueError or
+        TypeError for a configuration the constructor would refuse.
+        """
+        return None

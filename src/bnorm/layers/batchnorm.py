@@ -3,19 +3,21 @@ r"""Batch-normalization layers: ``BatchNorm`` (any rank) and ``BatchNorm1d/2d/3d
 from __future__ import annotations
 
 import inspect
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import RunningAverage, check_momentum, records_explicit, resolve_layer_convention
+from .._running import NonFinitePolicy, check_policy, nonfinite, stage_running_update
 from .._validation import (
+    as_array,
     as_float_input,
     channels_last_hint,
     check_bool,
     check_eps,
+    check_float_dtype,
     check_fraction,
     check_positive_int,
     describe,
@@ -24,9 +26,7 @@ from .._validation import (
 from ..functional._kernels.moments import Moments, channel_moments, channel_view, merge_moments
 from ..functional.batch_norm import (
     BatchNormContext,
-    NonFinitePolicy,
     StatsReducer,
-    _check_policy,
     _forward,
     batch_norm_backward,
 )
@@ -151,10 +151,8 @@ class _BatchNormBase(Module):
         eps_f = check_eps(eps, training=True)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {describe(axis)}")
-        dt = np.dtype(dtype)
-        if dt.kind != "f":
-            raise TypeError(f"dtype must be a floating dtype, got {dt}")
-        _check_policy(on_nonfinite)
+        dt = check_float_dtype(dtype)
+        check_policy(on_nonfinite)
         self.num_features = int(num_features)
         self.eps = eps_f
         self._running = running
@@ -241,6 +239,19 @@ class _BatchNormBase(Module):
         if self.bias is not None:
             self.bias.fill(0)
 
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        args = cls._bound_config(config)
+        c = (check_positive_int(args["num_features"], "num_features"),)
+        shapes: dict[str, tuple[int, ...]] = {}
+        if args["affine"]:
+            shapes["weight"] = c
+            if args.get("bias", True):
+                shapes["bias"] = c
+        if args["track_running_stats"]:
+            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
+        return shapes
+
     def _config(self) -> dict[str, Any]:
         config = super()._config()
         # One of the two forms of the running average (passing both is an error).
@@ -267,10 +278,8 @@ class _BatchNormBase(Module):
         :attr:`num_batches_tracked` becomes the number of batches absorbed (as
         :func:`torch.optim.swa_utils.update_bn` leaves it), so a later
         cumulative average (``momentum=None``) continues as if those batches
-        had been seen.  Under a statistics reducer (SyncBatchNorm) the totals
-        are merged across processes once, at the end: every process must call
-        this method, a process with no batches (an empty shard) included, and
-        the counter counts this process's batches.
+        had been seen.  :class:`~bnorm.SyncBatchNorm` merges the totals
+        over its processes (see its own method).
 
         Parameters
         ----------
@@ -304,11 +313,25 @@ class _BatchNormBase(Module):
         >>> bn.running_mean, bn.running_var, int(bn.num_batches_tracked)
         (array([4., 8.], dtype=float32), array([ 6.6666665, 26.666666 ], dtype=float32), 2)
         """
+        self._check_recompute()
+        total, absorbed, seen = self._absorb(batches)
+        if seen == 0:
+            raise ValueError("batches must contain at least one batch, got an empty iterable")
+        self._set_population_stats(total, absorbed)
+        return self
+
+    def _check_recompute(self) -> None:
         if not self.track_running_stats or self.running_mean is None or self.running_var is None:
             raise ValueError(
                 "recompute_running_stats needs running statistics: the layer was built with "
                 "track_running_stats=False"
             )
+
+    def _absorb(self, batches: Iterable[Any]) -> tuple[Moments, int, int]:
+        """Merge the batches' moments: ``(moments, batches absorbed, batches seen)``; changes no state.
+
+        Non-finite batches follow :attr:`on_nonfinite` (skipped ones are seen, not absorbed).
+        """
         total = Moments.empty(self.num_features)
         absorbed = 0
         seen = 0
@@ -319,39 +342,37 @@ class _BatchNormBase(Module):
             ax = self._check_channels(arr)
             m = channel_moments(channel_view(arr, ax))
             if m.count and not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
-                if self.on_nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"batch {seen - 1} has non-finite statistics (NaN or inf in the input); "
-                        "running statistics left unchanged"
-                    )
-                if self.on_nonfinite == "skip":
-                    warnings.warn(
-                        f"batch {seen - 1} has non-finite statistics (NaN or inf in the input) "
-                        "and was skipped (on_nonfinite='skip')",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                reason = f"batch {seen - 1} has non-finite statistics (NaN or inf in the input)"
+                # stacklevel 3: the caller of recompute_running_stats, two frames up
+                if not nonfinite(self.on_nonfinite, reason, stacklevel=3):
                     continue
             total = merge_moments(total, m)
             absorbed += 1
-        reducer = self._reducer()
-        if reducer is None:
-            if seen == 0:
-                raise ValueError("batches must contain at least one batch, got an empty iterable")
-        else:
-            # every process must take part, one with an empty shard included
-            total = reducer.moments(total)
+        return total, absorbed, seen
+
+    def _set_population_stats(self, total: Moments, absorbed: int) -> None:
+        """Write the running buffers from `total` (ValueError, nothing written, if too few values)."""
         ddof = 1 if self.unbiased_running_var else 0
         if total.count <= ddof:
             raise ValueError(
                 f"batches must hold more than {ddof} value(s) per channel to compute the "
                 f"{'unbiased' if ddof else 'biased'} variance, got {total.count}"
             )
-        self.running_mean[...] = total.mean
-        self.running_var[...] = total.var(ddof)
+        assert self.running_mean is not None and self.running_var is not None
+        staged = stage_running_update(
+            [
+                ("running_mean", self.running_mean, total.mean),
+                ("running_var", self.running_var, total.var(ddof)),
+            ],
+            self.on_nonfinite,
+            stacklevel=3,  # the caller of recompute_running_stats
+        )
+        if staged is None:  # skipped (on_nonfinite='skip'): buffers and counter unchanged
+            return
+        for buffer, value in staged:
+            buffer[...] = value
         assert self.num_batches_tracked is not None
         self.num_batches_tracked[...] = absorbed
-        return self
 
     # -- forward / backward ----------------------------------------------------
     def _check_input_dim(self, x: np.ndarray) -> None:
@@ -396,7 +417,7 @@ class _BatchNormBase(Module):
         ndarray
             Same shape and dtype as `x` (float16 stays float16).
         """
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         self._check_input_dim(arr)
         self._check_channels(arr)
         mode = self._mode(training)

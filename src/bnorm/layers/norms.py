@@ -12,14 +12,15 @@ protocol is batch norm's: ``layer(x)`` / ``layer.forward(x)`` keeps the context,
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from .._conventions import check_momentum
-from .._validation import check_bool, check_eps, check_positive_int
+from .._running import NonFinitePolicy, check_policy
+from .._validation import as_array, check_bool, check_eps, check_float_dtype, check_positive_int
 from ..functional.group_norm import (
     check_num_groups,
     group_norm_backward,
@@ -35,13 +36,6 @@ from ..functional.rms_norm import rms_norm_backward, rms_norm_forward
 from ._base import Module
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
-
-
-def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    dt = np.dtype(dtype)
-    if dt.kind != "f":
-        raise TypeError(f"dtype must be a floating dtype, got {dt}")
-    return dt
 
 
 _check_flag = check_bool
@@ -67,6 +61,26 @@ class _NormLayer(Module):
     def _init_affine(self, shape: tuple[int, ...], weight: bool, bias: bool) -> None:
         self.weight = np.ones(shape, self.dtype) if weight else None
         self.bias = np.zeros(shape, self.dtype) if bias else None
+
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """The shape of weight and bias (and running buffers) for constructor `args`; None: unknown."""
+        return None
+
+    @classmethod
+    def _state_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        args = cls._bound_config(config)
+        shape = cls._affine_shape(args)
+        if shape is None:
+            return None
+        shapes: dict[str, tuple[int, ...]] = {}
+        if args.get("affine", args.get("elementwise_affine", False)):
+            shapes["weight"] = shape
+            if args.get("bias", True):
+                shapes["bias"] = shape
+        if args.get("track_running_stats", False):
+            shapes.update(running_mean=shape, running_var=shape, num_batches_tracked=())
+        return shapes
 
     def reset_parameters(self) -> None:
         """Set weight to 1 and bias to 0 (where present)."""
@@ -153,12 +167,16 @@ class LayerNorm(_NormLayer):
         self.eps = check_eps(eps, training=False)
         self.elementwise_affine = _check_flag(elementwise_affine, "elementwise_affine")
         use_bias = _check_flag(bias, "bias")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         self._bias_flag = use_bias
         self._init_affine(
             self.normalized_shape, self.elementwise_affine, self.elementwise_affine and use_bias
         )
         self._backward_fn = layer_norm_backward
+
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return check_normalized_shape(args["normalized_shape"])
 
     def forward(self, x: Any, *, training: bool | None = None) -> np.ndarray:
         """Normalize `x` of shape ``(*, *normalized_shape)``; `training` changes nothing."""
@@ -332,13 +350,17 @@ class GroupNorm(_NormLayer):
         self.eps = check_eps(eps, training=False)
         self.affine = _check_flag(affine, "affine")
         use_bias = _check_flag(bias, "bias")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         self._init_affine((channels,), self.affine, self.affine and use_bias)
         self._backward_fn = group_norm_backward
 
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return (check_positive_int(args["num_channels"], "num_channels"),)
+
     def forward(self, x: Any, *, training: bool | None = None) -> np.ndarray:
         """Normalize `x` of shape ``(N, C, *S)``; `training` changes nothing."""
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         if arr.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {arr.ndim}D input)")
         if self.affine and arr.shape[1] != self.num_channels:
@@ -381,6 +403,11 @@ class _InstanceNorm(_NormLayer):
         Whether the affine includes beta.
     dtype : dtype, default float32, keyword-only
         dtype of the parameters and running buffers.
+    on_nonfinite : {'skip', 'raise', 'propagate'}, default 'skip', keyword-only
+        What a batch whose running-statistics update would not be finite (NaN
+        or inf in the input, or statistics that overflow the buffers' dtype)
+        does: skipped with a RuntimeWarning, FloatingPointError, or absorbed
+        as PyTorch does (batch norm's policy).
 
     Attributes
     ----------
@@ -416,6 +443,7 @@ class _InstanceNorm(_NormLayer):
         *,
         bias: bool = True,
         dtype: DTypeLike = np.float32,
+        on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features")
@@ -424,7 +452,8 @@ class _InstanceNorm(_NormLayer):
         self.affine = _check_flag(affine, "affine")
         self.track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         use_bias = _check_flag(bias, "bias")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
+        self.on_nonfinite: NonFinitePolicy = check_policy(on_nonfinite)
         c = self.num_features
         self._init_affine((c,), self.affine, self.affine and use_bias)
         self.running_mean: np.ndarray | None = None
@@ -436,6 +465,10 @@ class _InstanceNorm(_NormLayer):
             self.num_batches_tracked = np.array(0, dtype=np.int64)
         self._unbatched = False
         self._backward_fn = instance_norm_backward
+
+    @classmethod
+    def _affine_shape(cls, args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return (check_positive_int(args["num_features"], "num_features"),)
 
     def reset_running_stats(self) -> None:
         """Zero the running mean and the counter, set the running variance to 1."""
@@ -464,7 +497,7 @@ class _InstanceNorm(_NormLayer):
         tracked) absorb the batch.  `training` overrides :attr:`training` for
         this call only.
         """
-        arr = np.asarray(x)
+        arr = as_array(x, "input")
         self._check_input_dim(arr)
         feature_dim = arr.ndim - (self._spatial_dims + 1)
         if arr.shape[feature_dim] != self.num_features:
@@ -490,6 +523,7 @@ class _InstanceNorm(_NormLayer):
             mode or not self.track_running_stats,
             0.0 if self.momentum is None else self.momentum,
             self.eps,
+            on_nonfinite=self.on_nonfinite,
         )
         self._ctx, self._unbatched = ctx, unbatched
         return y[0] if unbatched else y

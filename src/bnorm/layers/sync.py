@@ -2,6 +2,7 @@ r"""``SyncBatchNorm``: batch normalization over a batch split across MPI process
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,7 @@ from numpy.typing import DTypeLike
 
 from .._conventions import deliberate_momentum, records_explicit
 from .._validation import describe
-from ..distributed import MPIStatsReducer, allreduce_grads, check_comm
+from ..distributed import MPIStatsReducer, _check_timeout, allreduce_grads, check_comm
 from ..functional.batch_norm import NonFinitePolicy, StatsReducer
 from .batchnorm import BatchNorm, _BatchNormBase, _layer_doc
 
@@ -20,6 +21,12 @@ comm : Communicator or None, keyword-only
     An mpi4py communicator (duck-typed: ``Get_size``, ``Get_rank`` and
     ``Allgather`` or ``allgather``) over the processes that share the
     batch.  None, or a communicator of one rank, is plain BatchNorm.
+timeout : float or None, default None, keyword-only
+    Seconds a rank waits for its peers at each collective exchange before
+    raising :class:`bnorm.distributed.PeerTimeoutError` (None: wait
+    forever, as MPI does).  Needs a communicator with ``Iallgather``
+    (mpi4py's has it).  After a timeout the communicator may hold a
+    half-finished collective: abort the job (``comm.Abort()``).
 """
 
 
@@ -74,11 +81,20 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
     uses them and does not communicate (with ``track_running_stats=False``,
     evaluation uses each rank's own batch statistics, as PyTorch does).
 
-    Every rank must call forward and backward in step (same mode, same
-    number of calls), as with any collective.  If a rank rejects its input
-    (wrong shape or channels, a non-finite batch with ``on_nonfinite='raise'``)
-    every rank raises -- the others :class:`bnorm.distributed.PeerError` -- and
-    no state changes anywhere.
+    Every rank must call forward, backward, :meth:`allreduce_grads` and
+    :meth:`recompute_running_stats` in step (same mode, same number of calls,
+    same order), as with any collective.  Each collective first exchanges a
+    small header naming the operation and the layer's training step, so
+    out-of-step ranks (an extra forward on one rank, allreduce_grads on one
+    rank while the others run backward) raise
+    :class:`bnorm.distributed.PeerError` on every rank instead of pairing the
+    wrong collectives.  If a rank rejects its input (wrong shape or channels,
+    a non-finite batch with ``on_nonfinite='raise'``) every rank raises -- the
+    others PeerError -- and no state changes anywhere.  A rank in evaluation
+    mode makes no collective, so training peers wait for it: they raise when
+    that rank next communicates (PeerError), after `timeout` seconds
+    (:class:`~bnorm.distributed.PeerTimeoutError`), or, with no timeout,
+    wait forever.
     """,
         r"""
     Examples
@@ -111,6 +127,7 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         *,
         bias: bool = True,
         comm: Any = None,
+        timeout: float | None = None,
         decay: float | None = None,
         axis: int = 1,
         unbiased_running_var: bool = True,
@@ -135,8 +152,12 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
             "on_nonfinite": on_nonfinite,
         }
         super().__init__(num_features, **{k: v for k, v in given.items() if k in passed})
+        self._timeout = _check_timeout(timeout)
         self.comm = comm
         self._step: MPIStatsReducer | None = None
+        # Training forwards completed (the step every collective header carries):
+        # per layer, so a layer rebuilt on one rank only shows up as out of step.
+        self._sync_step = 0
 
     @property
     def comm(self) -> Any:
@@ -146,12 +167,27 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
     @comm.setter
     def comm(self, value: Any) -> None:
         check_comm(value)
+        _check_timeout(self._timeout, value)
         self._comm = value
         self._world_size = 1 if value is None else int(value.Get_size())
 
+    @property
+    def timeout(self) -> float | None:
+        """Seconds to wait for the peers at each collective exchange (None: no limit)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = _check_timeout(value, self._comm)
+
+    def _new_step(self, step: int) -> MPIStatsReducer:
+        return MPIStatsReducer(self._comm, self.num_features, step=step, timeout=self._timeout)
+
     # -- conversion ------------------------------------------------------------
     @classmethod
-    def from_batch_norm(cls, layer: _BatchNormBase, comm: Any = None) -> SyncBatchNorm:
+    def from_batch_norm(
+        cls, layer: _BatchNormBase, comm: Any = None, *, timeout: float | None = None
+    ) -> SyncBatchNorm:
         """A SyncBatchNorm with `layer`'s configuration and state (copied, not shared).
 
         Parameters
@@ -162,6 +198,8 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
             are kept; arrays are copied.
         comm : Communicator or None
             The communicator of the new layer.
+        timeout : float or None, keyword-only
+            Its :attr:`timeout`.
 
         Returns
         -------
@@ -182,7 +220,7 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         if not isinstance(layer, _BatchNormBase):
             raise TypeError(f"layer must be a bnorm batch-norm layer, got {describe(layer)}")
         with deliberate_momentum():  # the layer's own momentum, not a new spelling
-            new = cls(layer.num_features, comm=comm, **_state_kwargs(layer))
+            new = cls(layer.num_features, comm=comm, timeout=timeout, **_state_kwargs(layer))
         _copy_state(layer, new)
         return new
 
@@ -232,20 +270,25 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         ValueError, TypeError, FloatingPointError
             This rank's input was rejected (as :class:`BatchNorm`).
         bnorm.distributed.PeerError
-            Another rank's input was rejected.
+            Another rank's input was rejected, or the ranks are out of step
+            (another rank is in backward, allreduce_grads, ...).
+        bnorm.distributed.PeerTimeoutError
+            A peer did not arrive within :attr:`timeout`.
         """
         mode = self._mode(training)
         if self._world_size == 1 or not mode:
             self._step = None
             return super().forward(x, training=training)
-        step = self._step = MPIStatsReducer(self._comm, self.num_features)
+        step = self._step = self._new_step(self._sync_step + 1)
         try:
-            return super().forward(x, training=training)
+            y = super().forward(x, training=training)
         except Exception:
             step.abort_moments()
             raise
         finally:
             self._step = None
+        self._sync_step += 1
+        return y
 
     def backward(self, grad_output: Any) -> np.ndarray:
         r"""Backpropagate through the last forward; one collective after a training forward.
@@ -269,6 +312,11 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         ValueError
             grad_output has the wrong shape (every other rank raises
             :class:`bnorm.distributed.PeerError`).
+        bnorm.distributed.PeerError
+            The ranks are out of step (another rank is in forward,
+            allreduce_grads, ...), on every rank; nothing is changed.
+        bnorm.distributed.PeerTimeoutError
+            A peer did not arrive within the forward's :attr:`timeout`.
         """
         ctx = self._ctx
         step = ctx.reducer if ctx is not None and isinstance(ctx.reducer, MPIStatsReducer) else None
@@ -302,4 +350,70 @@ class SyncBatchNorm(_BatchNormBase):  # noqa: D101 (docstring assigned below)
         >>> bn.grad_bias
         array([4., 4.], dtype=float32)
         """
-        allreduce_grads([self], self._comm, average=average)
+        allreduce_grads([self], self._comm, average=average, timeout=self._timeout)
+
+    def recompute_running_stats(self, batches: Iterable[Any]) -> SyncBatchNorm:
+        r"""Set the running statistics to the exact statistics of every rank's `batches`.
+
+        Each rank merges its own batches' moments ``(count, mean, M2)``; one
+        collective operation merges the ranks' totals (Chan et al., in rank
+        order), so every rank ends with the same running buffers: those
+        :meth:`BatchNorm.recompute_running_stats
+        <bnorm.BatchNorm.recompute_running_stats>` computes on all ranks'
+        batches together, :attr:`num_batches_tracked` included (the number of
+        batches absorbed on all ranks).  Every rank must call it; a rank with
+        no batches (an empty shard, an empty iterator) takes part and receives
+        the result.
+
+        Parameters
+        ----------
+        batches : iterable of array_like
+            This rank's inputs, as :meth:`forward` takes them; consumed once.
+
+        Returns
+        -------
+        self
+            The layer, for chaining.
+
+        Raises
+        ------
+        ValueError
+            On every rank, if all ranks together hold no values (or one value
+            per channel with the unbiased variance); on one rank, if its batch
+            has the wrong shape or the layer keeps no running statistics.
+        FloatingPointError
+            On one rank, for a non-finite batch with ``on_nonfinite='raise'``.
+        bnorm.distributed.PeerError
+            On the other ranks when one rank raised (any exception, one from
+            its iterator included), or if the ranks are out of step.
+            Nothing is changed on any rank when anything raises.
+        bnorm.distributed.PeerTimeoutError
+            A peer did not arrive within :attr:`timeout`.
+
+        Examples
+        --------
+        >>> import numpy as np, bnorm
+        >>> bn = bnorm.SyncBatchNorm(2)   # comm=None: as BatchNorm
+        >>> bn = bn.recompute_running_stats([np.array([[1.0, 2.0], [3.0, 6.0]])])
+        >>> bn.running_mean
+        array([2., 4.], dtype=float32)
+
+        Under ``mpiexec``, rank r passes its own shard (possibly empty):
+
+        >>> bn.recompute_running_stats(my_batches(comm.Get_rank()))  # doctest: +SKIP
+        """
+        if self._world_size == 1:
+            result: SyncBatchNorm = super().recompute_running_stats(batches)
+            return result
+        step = self._new_step(self._sync_step)
+        try:
+            self._check_recompute()
+            local, absorbed, _ = self._absorb(batches)
+        except Exception:
+            step.recompute(None, 0)  # join as a failed rank, so nobody waits for this one
+            raise
+        merged = step.recompute(local, absorbed)
+        assert merged is not None
+        total, absorbed_everywhere = merged
+        self._set_population_stats(total, absorbed_everywhere)
+        return self

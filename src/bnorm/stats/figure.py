@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..demo.report import _atomic_write as atomic_write
+from .._files import write_atomic as atomic_write
 from .dataset import DatasetStats
 
 __all__ = ["FIGURE_HINT", "write_pixel_images", "write_figure", "display_images"]

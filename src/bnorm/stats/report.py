@@ -31,8 +31,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from .._files import write_atomic as atomic_write
 from .._version import __version__
-from ..demo.report import _atomic_write as atomic_write
 from .dataset import DatasetStats
 
 __all__ = ["SCHEMA", "float32_text", "paste_lines", "warnings_of", "summary", "to_json", "write_json"]

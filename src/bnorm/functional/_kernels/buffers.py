@@ -76,9 +76,9 @@ def empty_output(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
                     return block.view(dtype).reshape(shape)
                 unused.append(block)
         # No unused block of this size: release the oldest unused ones beyond the bound.
-        # By identity: list.remove compares arrays with ==, elementwise (a ValueError).
-        drop = {id(b) for b in unused[: max(0, len(unused) + 1 - RECYCLE_FREE_BLOCKS)]}
-        _blocks[:] = [b for b in _blocks if id(b) not in drop]
+        # By identity: list.remove would compare arrays with ==.
+        released = {id(block) for block in unused[: max(0, len(unused) + 1 - RECYCLE_FREE_BLOCKS)]}
+        _blocks[:] = [block for block in _blocks if id(block) not in released]
         del unused
         block = np.empty(nbytes, dtype=np.uint8)
         _blocks.append(block)
