@@ -261,7 +261,7 @@ class RMSNorm(_NormLayer):
         self.normalized_shape = check_normalized_shape(normalized_shape)
         self.eps: float | None = None if eps is None else check_eps(eps, training=False)
         self.elementwise_affine = _check_flag(elementwise_affine, "elementwise_affine")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         self._init_affine(self.normalized_shape, self.elementwise_affine, False)
         self._backward_fn = _rms_backward
 
