@@ -11,11 +11,11 @@ exact; no full-size temporaries.
 from __future__ import annotations
 
 import itertools
-import tracemalloc
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from test_memory import peak_extra
 
 from bnorm.functional import (
     group_norm,
@@ -30,7 +30,6 @@ from bnorm.functional import (
     rms_norm_backward,
     rms_norm_forward,
 )
-from bnorm.functional._kernels import buffers
 from bnorm.functional._kernels import pool as P
 from bnorm.functional._kernels import rowwise as RW
 
@@ -280,20 +279,6 @@ def test_results_bit_identical_for_1_2_3_threads(op, offset, restore_threads):
 # -- memory -----------------------------------------------------------------------------
 
 
-def _peak_extra(f) -> int:
-    buffers.clear()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        result = f()
-        peak = tracemalloc.get_traced_memory()[1] - base
-        del result
-    finally:
-        tracemalloc.stop()
-    return peak
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_no_full_size_temporaries(threads, restore_threads):
     """Forward and backward allocate the output and tile-sized scratch only."""
@@ -307,9 +292,9 @@ def test_no_full_size_temporaries(threads, restore_threads):
     ]:
         x = rng.standard_normal(shape).astype(np.float32)
         g = rng.standard_normal(shape).astype(np.float32)
-        assert _peak_extra(lambda x=x, fwd=fwd: fwd(x)) <= x.nbytes + scratch
+        assert peak_extra(lambda x=x, fwd=fwd: fwd(x)) <= x.nbytes + scratch
         ctx = fwd(x)[1]
-        assert _peak_extra(lambda g=g, ctx=ctx, bwd=bwd: bwd(g, ctx)) <= x.nbytes + scratch
+        assert peak_extra(lambda g=g, ctx=ctx, bwd=bwd: bwd(g, ctx)) <= x.nbytes + scratch
 
 
 W256 = (_rng.random(256) + 0.5).astype(np.float32)
