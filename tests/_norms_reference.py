@@ -1,8 +1,6 @@
-"""Slow float64 references and the gradient check shared by the norm-family tests."""
+"""Slow float64 references shared by the norm-family tests (gradients: bnorm.testing.check_grad)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 
@@ -62,26 +60,3 @@ def ref_instance_norm(x, weight=None, bias=None, eps=1e-5, mean=None, var=None):
     if bias is not None:
         out = out + np.asarray(bias, np.float64).reshape(shape)
     return out
-
-
-def directional_check(
-    f: Callable[[np.ndarray], np.ndarray],
-    x: np.ndarray,
-    g: np.ndarray,
-    grad: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    h: float = 1e-6,
-    rtol: float = 1e-6,
-) -> None:
-    """Check a VJP along a random direction v: d/dt <g, f(x + t v)> == <grad, v>.
-
-    Central differences in float64 (error O(h^2) + O(eps/h)); one inner product
-    per direction, cheap enough for every shape (HIPS autograd's check_grads).
-    """
-    for _ in range(2):
-        v = rng.normal(size=x.shape)
-        numeric = (np.vdot(g, f(x + h * v)) - np.vdot(g, f(x - h * v))) / (2 * h)
-        analytic = np.vdot(grad, v)
-        scale = max(1.0, abs(analytic))
-        assert abs(numeric - analytic) <= rtol * scale, (numeric, analytic)

@@ -131,7 +131,7 @@ def test_from_torch_errors():
 
     with pytest.raises(
         TypeError,
-        match=r"must be a PyTorch norm module \(BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d\), a model \(torch.nn.Module\) containing them, or a state dict; got Linear \(test_interop\)",
+        match=r"must be a PyTorch norm module \(BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d, RMSNorm\), a model \(torch.nn.Module\) containing them, or a state dict; got Linear \(test_interop\)",
     ):
         from_torch(Linear())
     with pytest.raises(

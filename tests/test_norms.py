@@ -791,9 +791,9 @@ def test_layer_docstrings_parse_as_numpydoc(cls):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("shape3", [(1, 7, 300), (5, 3, 1), (2, 40000, 8)])
 def test_moments_passes_are_safe_in_place(dtype, shape3):
-    """Layer-norm backward uses its output as scratch: it calls affine_pass with
-    out3 is x3 and backward_pass with out3 is g3.  The shared kernels must stay
-    elementwise read-before-write for that (a contract on _moments' rewrite)."""
+    """The per-channel passes stay elementwise read-before-write when the output is
+    the input (batch norm's ``out=`` may be its input); layer norm no longer
+    relies on it (its row-wise kernels keep their scratch per tile)."""
     from bnorm.functional._kernels.channel import affine_pass, backward_pass
 
     rng = np.random.default_rng(0)

@@ -155,7 +155,7 @@ def test_from_torch_leaf_module_that_is_not_a_norm_is_a_type_error():
         TypeError,
         match=re.escape(
             "module_or_state_dict must be a PyTorch norm module (BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, "
-            "GroupNorm, InstanceNorm1d/2d/3d), a model containing them, or a state dict; got a Linear "
+            "GroupNorm, InstanceNorm1d/2d/3d, RMSNorm), a model containing them, or a state dict; got a Linear "
             "(torch.nn.modules.linear) module, which is neither"
         ),
     ):

@@ -35,6 +35,7 @@ from .layers import (
     InstanceNorm3d,
     LayerNorm,
     Module,
+    RMSNorm,
     SyncBatchNorm,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "LayerNorm",
+    "RMSNorm",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",

@@ -31,7 +31,7 @@ import numpy as np
 from ._conventions import deliberate_momentum
 from ._convert import to_numpy
 from ._validation import warn_caller
-from .layers import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, Module
+from .layers import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, Module, RMSNorm
 from .layers._base import StateDictKeyError
 from .layers.batchnorm import (
     BatchNorm,
@@ -54,7 +54,7 @@ _IN_BY_RANK: dict[str, Callable[..., Module]] = {
 }
 _TORCH_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 #: What from_torch converts, as the message for anything else lists it.
-_TORCH_SUPPORTED = "BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d"
+_TORCH_SUPPORTED = "BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d, RMSNorm"
 
 
 def _float_dtype(arrays: Sequence[np.ndarray]) -> np.dtype[Any]:
@@ -104,6 +104,13 @@ def _torch_builder(module: Any) -> Callable[[Any, np.dtype[Any], bool], Module] 
             eps=float(m.eps),
             elementwise_affine=bool(m.elementwise_affine),
             bias=has_bias,
+            dtype=dt,
+        )
+    if name == "RMSNorm":
+        return lambda m, dt, has_bias: RMSNorm(
+            tuple(int(d) for d in m.normalized_shape),
+            eps=None if m.eps is None else float(m.eps),
+            elementwise_affine=bool(m.elementwise_affine),
             dtype=dt,
         )
     if name == "GroupNorm":
@@ -217,12 +224,13 @@ def from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Any:
 
     Given a **norm module** (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` -- which
     becomes a :class:`~bnorm.BatchNorm` -- ``LayerNorm``, ``GroupNorm``,
-    ``InstanceNorm1d/2d/3d``, and their ``Lazy`` forms once materialized), the
+    ``InstanceNorm1d/2d/3d``, ``RMSNorm``, and their ``Lazy`` forms once materialized), the
     result is the bnorm layer of the same class with its arguments (``eps``,
     ``momentum`` -- None included: the cumulative average --, ``affine``,
     ``bias``, ``track_running_stats``, ``normalized_shape``,
-    ``elementwise_affine``, ``num_groups``), the training flag, the dtype and
-    copies of every parameter and buffer.  The result uses PyTorch's
+    ``elementwise_affine``, ``num_groups``; RMSNorm's ``eps=None`` stays
+    None), the training flag, the dtype and copies of every parameter and
+    buffer.  The result uses PyTorch's
     convention (weight ``momentum`` on the new batch, unbiased running
     variance, channel axis 1), so forward passes in both modes, and further
     training, match the module.  ``bias=False`` (PyTorch >= 2.1) gives a layer
@@ -314,11 +322,30 @@ def _is_keras_batch_norm(obj: Any) -> bool:
     return any(c.__name__ == "BatchNormalization" for c in type(obj).__mro__)
 
 
+def _rms_from_keras(layer: Any) -> RMSNorm:
+    """A :class:`~bnorm.RMSNorm` equal to a built ``keras.layers.RMSNormalization``."""
+    if not getattr(layer, "built", True):
+        raise ValueError("the Keras layer is not built: call it on an input (or build it) first")
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    k = len(axes)
+    if sorted(int(a) for a in axes) != list(range(-k, 0)):
+        raise ValueError(
+            f"Keras RMSNormalization normalizes axis={list(axes)}; bnorm's RMSNorm normalizes trailing "
+            f"axes: rebuild the Keras layer with negative trailing axes (axis={list(range(-k, 0))}) or "
+            "move the axes last with np.moveaxis"
+        )
+    scale = to_numpy(layer.get_weights()[0], "scale")
+    rms = RMSNorm(scale.shape, eps=float(layer.epsilon), dtype=_float_dtype([scale]))
+    rms.load_state_dict({"weight": scale}, strict=True)
+    rms.eval()
+    return rms
+
+
 def _keras_model(model: Any, path: str, found: dict[str, Any], skipped: list[str]) -> None:
-    """Collect the BatchNormalization layers of `model` (nested models included) under their paths."""
+    """Collect the BatchNormalization and RMSNormalization layers of `model` (nested models too)."""
     for layer in model.layers:
         name = f"{path}{layer.name}"
-        if _is_keras_batch_norm(layer):
+        if _is_keras_batch_norm(layer) or type(layer).__name__ == "RMSNormalization":
             found[name] = from_keras(layer)
         elif isinstance(getattr(layer, "layers", None), list):
             _keras_model(layer, name + "/", found, skipped)
@@ -339,6 +366,11 @@ def from_keras(
     renorm_momentum: float = 0.99,
 ) -> Any:
     r"""A bnorm layer equal to a Keras ``BatchNormalization`` (or its weights); a dict of them for a model.
+
+    A built ``keras.layers.RMSNormalization`` gives a :class:`~bnorm.RMSNorm`
+    with ``eps=layer.epsilon`` (Keras default 1e-6) and the ``scale`` as its
+    weight; its ``axis`` must be the trailing axes as negative indices (the
+    default -1).
 
     The result is a :class:`~bnorm.BatchNorm` in the Keras convention:
     ``decay=momentum`` (``moving = momentum * moving + (1 - momentum) *
@@ -414,13 +446,16 @@ def from_keras(
     [[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]]
     """
     src = layer_or_weights
+    if type(src).__name__ == "RMSNormalization":
+        return _rms_from_keras(src)
     if not _is_keras_batch_norm(src) and isinstance(getattr(src, "layers", None), list):
         found: dict[str, Any] = {}
         skipped: list[str] = []
         _keras_model(src, "", found, skipped)
         if skipped:
             warn_caller(
-                f"from_keras left out {', '.join(skipped)}: bnorm converts BatchNormalization layers",
+                f"from_keras left out {', '.join(skipped)}: bnorm converts BatchNormalization and "
+                "RMSNormalization layers",
                 UserWarning,
             )
         return found
@@ -517,6 +552,9 @@ def from_keras(
 def to_keras_weights(layer: Any) -> list[np.ndarray]:
     r"""The layer's arrays in Keras ``set_weights`` order.
 
+    For an :class:`~bnorm.RMSNorm`: ``[scale]`` (its weight), for
+    ``keras.layers.RMSNormalization(epsilon=layer.eps)``.
+
     ``[gamma, beta, moving_mean, moving_variance]``, leaving out gamma when
     the weight is None and beta when the bias is None (Keras ``scale=False`` /
     ``center=False``).  Copies, in the layer's dtype.  A batch-renormalization
@@ -554,6 +592,10 @@ def to_keras_weights(layer: Any) -> list[np.ndarray]:
     >>> [w.tolist() for w in to_keras_weights(bnorm.BatchNorm1d(2))]
     [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
     """
+    if isinstance(layer, RMSNorm):  # Keras RMSNormalization: [scale]
+        if layer.weight is None:
+            raise ValueError("an RMSNorm without weight (elementwise_affine=False) has no Keras scale")
+        return [np.array(layer.weight, copy=True)]
     mean, var = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
     if mean is None or var is None:
         raise ValueError(

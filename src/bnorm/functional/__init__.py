@@ -1,7 +1,8 @@
-"""Stateless kernels: batch norm, batch renormalization, layer, group and instance norm.
+"""Stateless kernels: batch norm, batch renormalization, layer, group, instance and RMS norm.
 
 ``op(...)`` -> output, ``op_forward(...)`` -> (output, ctx),
-``op_backward(grad_output, ctx)`` -> (grad_input, grad_weight, grad_bias).
+``op_backward(grad_output, ctx)`` -> (grad_input, grad_weight, grad_bias)
+(RMS norm, which has no bias: (grad_input, grad_weight)).
 """
 
 from .batch_norm import (
@@ -34,6 +35,13 @@ from .layer_norm import (
     layer_norm_backward,
     layer_norm_forward,
 )
+from .rms_norm import (
+    RMSNormContext,
+    default_rms_eps,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 
 __all__ = [
     "BatchNormContext",
@@ -56,4 +64,9 @@ __all__ = [
     "instance_norm",
     "instance_norm_forward",
     "instance_norm_backward",
+    "RMSNormContext",
+    "rms_norm",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "default_rms_eps",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._validation import as_float_input, describe
+from ._kernels.buffers import empty_output
 
 __all__ = ["check_out", "overlaps", "check_grad_output", "start_backward", "param_grads"]
 
@@ -51,14 +52,15 @@ def start_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check `ctx` (an instance of `cls` from `forward`) and `grad_output`; return ``(x, g, dx)``.
 
-    `dx` is `out` (checked) or a new, uninitialized array of the input's shape and dtype.
+    `dx` is `out` (checked) or a new, uninitialized array of the input's shape and dtype
+    (:func:`~bnorm.functional._kernels.buffers.empty_output`).
     """
     if not isinstance(ctx, cls):
         raise TypeError(f"ctx must be the {cls.__name__} returned by {forward}, got {describe(ctx)}")
     x: np.ndarray = ctx.input
     g = check_grad_output(grad_output, x)
     if out is None:
-        return x, g, np.empty(x.shape, dtype=x.dtype)
+        return x, g, empty_output(x.shape, x.dtype)  # a dropped output's memory, if any
     dx = check_out(out, x.shape, x.dtype)
     # The forward's input is read by this backward and by any later one on the same
     # ctx: writing grad_input over it would make a second backward silently wrong.

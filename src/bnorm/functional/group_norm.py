@@ -8,6 +8,7 @@ running statistics: training and evaluation compute the same thing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_channel_vector, check_eps, check_positive_int
 from ._common import param_grads, start_backward
-from ._grouped import group_moments, grouped_affine, grouped_backward
+from ._kernels.rowwise import RowPlan, normalize, normalize_backward, plan_for
 
 __all__ = ["group_norm", "group_norm_forward", "group_norm_backward", "GroupNormContext"]
 
@@ -33,8 +34,8 @@ class GroupNormContext:
     mean, invstd : ndarray of shape (N * G,), float64
         Per (sample, group) mean and ``1 / sqrt(var_biased + eps)``, row
         ``n * G + g``.
-    weight : ndarray of shape (C,), float64, or None
-        gamma (None: 1, and no grad_weight).
+    weight : ndarray of shape (C,), or None
+        gamma, a copy in the compute dtype (None: 1, and no grad_weight).
     weight_dtype, bias_dtype : dtype or None
         dtypes of the given weight and bias, for the returned gradients.
     """
@@ -51,6 +52,35 @@ class GroupNormContext:
 def check_num_groups(num_groups: Any) -> int:
     """num_groups must be a positive int."""
     return check_positive_int(num_groups, "num_groups")
+
+
+def grouped_plan(x: np.ndarray, num_groups: int) -> RowPlan:
+    """The row-wise plan of ``(N, C, *S)`` input: ``N * G`` rows of ``C / G * prod(S)`` values."""
+    n, c = x.shape[0], x.shape[1]
+    return plan_for(x, n * num_groups, c // num_groups, math.prod(x.shape[2:]), num_groups)
+
+
+def grouped_backward(
+    grad_output: Any, ctx: Any, cls: type[Any], forward: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The backward group norm and instance norm share: checks, row kernels, parameter gradients.
+
+    Instance norm's context has one group per channel and says whether its
+    statistics were the input's own (``use_input_stats``).
+    """
+    x, g, dx = start_backward(grad_output, ctx, cls, forward)
+    dgamma, dbeta = normalize_backward(
+        g,
+        x,
+        dx,
+        grouped_plan(x, ctx.num_groups if isinstance(ctx, GroupNormContext) else x.shape[1]),
+        ctx.mean,
+        ctx.invstd,
+        ctx.weight,
+        stats_depend=getattr(ctx, "use_input_stats", True),
+        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
+    )
+    return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))
 
 
 def group_norm_forward(
@@ -89,21 +119,18 @@ def group_norm_forward(
     # PyTorch's check (F.group_norm -> _verify_batch_size on [N * C // G, G, *S]): one
     # value per group overall is refused; its message and list format are kept verbatim.
     size = [x.shape[0] * c // groups, groups, *x.shape[2:]]
-    if x.shape[0] * (c // groups) * int(np.prod(x.shape[2:], dtype=np.int64)) == 1:
+    if x.shape[0] * (c // groups) * math.prod(x.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     eps_f = check_eps(eps, training=False)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
-    moments = group_moments(x, groups)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        invstd = 1.0 / np.sqrt(moments.var(ddof=0) + eps_f)
-    gamma = None if w is None else w.astype(np.float64)
-    y = np.empty(x.shape, dtype=x.dtype)
-    grouped_affine(x, groups, moments.mean, invstd, gamma, None if b is None else b.astype(np.float64), y)
+    plan = grouped_plan(x, groups)
+    gamma = None if w is None else w.astype(plan.dtype)
+    y, mean, _var, invstd = normalize(x, plan, gamma, b, eps_f)
     ctx = GroupNormContext(
         input=x,
         num_groups=groups,
-        mean=moments.mean,
+        mean=mean,
         invstd=invstd,
         weight=gamma,
         weight_dtype=None if w is None else w.dtype,
@@ -212,6 +239,4 @@ def group_norm_backward(
     ValueError
         `grad_output` does not have the input's shape.
     """
-    x, g, dx = start_backward(grad_output, ctx, GroupNormContext, "group_norm_forward")
-    dgamma, dbeta = grouped_backward(g, x, ctx.num_groups, ctx.mean, ctx.invstd, ctx.weight, True, dx)
-    return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))
+    return grouped_backward(grad_output, ctx, GroupNormContext, "group_norm_forward")

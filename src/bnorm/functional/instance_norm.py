@@ -4,7 +4,7 @@ The semantics of :func:`torch.nn.functional.instance_norm`: every channel of
 every sample is normalized over its spatial positions.  Optional running
 statistics follow PyTorch exactly: each instance's mean and *unbiased* variance
 enter the running average and the result is averaged over the batch.
-It shares its kernels with group norm (:mod:`bnorm.functional._grouped`):
+It shares its kernels with group norm (:mod:`bnorm.functional._kernels.rowwise`):
 instance norm is group norm with one channel per group.
 """
 
@@ -26,8 +26,9 @@ from .._validation import (
     describe,
     shape_text,
 )
-from ._common import param_grads, start_backward
-from ._grouped import group_moments, grouped_affine, grouped_backward
+from ._kernels.buffers import empty_output
+from ._kernels.rowwise import as_rows, normalize, row_apply
+from .group_norm import grouped_backward, grouped_plan
 
 __all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward", "InstanceNormContext"]
 
@@ -44,8 +45,8 @@ class InstanceNormContext:
         Per (sample, channel) statistics the output was normalized with, row
         ``n * C + c``: the instance's mean and ``1 / sqrt(var_biased + eps)``
         when `use_input_stats`, else the running ones repeated over samples.
-    weight : ndarray of shape (C,), float64, or None
-        gamma (None: 1, and no grad_weight).
+    weight : ndarray of shape (C,), or None
+        gamma, a copy in the compute dtype (None: 1, and no grad_weight).
     weight_dtype, bias_dtype : dtype or None
         dtypes of the given weight and bias, for the returned gradients.
     use_input_stats : bool
@@ -108,18 +109,18 @@ def instance_norm_forward(
     policy = check_policy(on_nonfinite)
     w = check_channel_vector(weight, "weight", c, 1)
     b = check_channel_vector(bias, "bias", c, 1)
+    plan = grouped_plan(arr, c)  # one group per channel
+    gamma = None if w is None else w.astype(plan.dtype)
+    new_rm = new_rv = None
     if use_input:
-        spatial = int(np.prod(arr.shape[2:], dtype=np.int64))
+        spatial = plan.spatial
         if spatial == 1:
             raise ValueError(
                 f"Expected more than 1 spatial element when training, got input size {shape_text(arr.shape)}"
             )
         rm = None if running_mean is None else check_buffer(running_mean, "running_mean", c, 1)
         rv = None if running_var is None else check_buffer(running_var, "running_var", c, 1)
-        moments = group_moments(arr, c)  # one group per channel
-        mean = moments.mean
-        var = moments.var(ddof=0) if moments.count else np.zeros(n * c)
-        new_rm = new_rv = None
+        y, mean, var, invstd = normalize(arr, plan, gamma, b, eps_f)
         if rm is not None and rv is not None and n > 0 and spatial > 0:
             # PyTorch: every instance updates a copy of the running buffer with its own
             # mean and unbiased variance; the copies are then averaged over the batch.
@@ -145,13 +146,10 @@ def instance_norm_forward(
         rv_r = check_channel_vector(running_var, "running_var", c, 1)
         assert rm_r is not None and rv_r is not None
         mean = np.tile(rm_r.astype(np.float64), n)
-        var = np.tile(rv_r.astype(np.float64), n)
-        new_rm = new_rv = None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        invstd = 1.0 / np.sqrt(var + eps_f)
-    gamma = None if w is None else w.astype(np.float64)
-    y = np.empty(arr.shape, dtype=arr.dtype)
-    grouped_affine(arr, c, mean, invstd, gamma, None if b is None else b.astype(np.float64), y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            invstd = 1.0 / np.sqrt(np.tile(rv_r.astype(np.float64), n) + eps_f)
+        y = empty_output(arr.shape, arr.dtype)
+        row_apply(as_rows(arr, plan.rows), plan, mean, invstd, gamma, b, as_rows(y, plan.rows))
 
     # Every check has passed: only now touch the caller's buffers.
     if new_rm is not None and new_rv is not None:
@@ -295,7 +293,4 @@ def instance_norm_backward(
     ValueError
         `grad_output` does not have the input's shape.
     """
-    x, g, dx = start_backward(grad_output, ctx, InstanceNormContext, "instance_norm_forward")
-    c = x.shape[1]
-    dgamma, dbeta = grouped_backward(g, x, c, ctx.mean, ctx.invstd, ctx.weight, ctx.use_input_stats, dx)
-    return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype))
+    return grouped_backward(grad_output, ctx, InstanceNormContext, "instance_norm_forward")

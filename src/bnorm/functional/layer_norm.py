@@ -4,17 +4,16 @@ The semantics of :func:`torch.nn.functional.layer_norm`: every sample (every
 index of the leading "batch" axes) is normalized over its trailing
 ``normalized_shape`` axes, with an elementwise affine of that shape.
 
-Layout.  With ``R = prod(batch axes)`` rows of ``M = prod(normalized_shape)``
-values, the row statistics come from
-:func:`~bnorm.functional._kernels.moments.channel_moments` over the ``(1, R, M)`` view;
-the elementwise affine is a per-"channel" pass over the ``(R, M, 1)`` view,
-where each of the M positions is a channel.  Backward reuses the same
-primitives (see :func:`layer_norm_backward`), using the output array as its
-only scratch space.
+Layout.  The input is the ``(R, M)`` matrix of ``R = prod(batch axes)`` rows
+of ``M = prod(normalized_shape)`` values, normalized by the fused row-wise
+kernels of :mod:`bnorm.functional._kernels.rowwise` (statistics and the
+affine on one cached tile of rows; float64 row statistics; the centered
+form, so a constant row gives exactly beta).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +22,7 @@ import numpy as np
 
 from .._validation import as_float_input, check_eps, describe
 from ._common import param_grads, start_backward
-from ._grouped import row_view
-from ._kernels.channel import affine_pass, backward_pass
-from ._kernels.moments import backward_sums, channel_moments
+from ._kernels.rowwise import RowPlan, normalize, normalize_backward, plan_for
 
 __all__ = [
     "layer_norm",
@@ -33,6 +30,10 @@ __all__ = [
     "layer_norm_backward",
     "LayerNormContext",
     "check_normalized_shape",
+    "check_trailing_shape",
+    "check_elementwise",
+    "trailing_plan",
+    "trailing_inputs",
 ]
 
 
@@ -48,8 +49,8 @@ class LayerNormContext:
         The trailing shape normalized over.
     mean, invstd : ndarray of shape (prod(B),), float64
         Per-row mean and ``1 / sqrt(var_biased + eps)``.
-    weight : ndarray of shape (prod(normalized_shape),), float64, or None
-        gamma, flattened (None: 1, and no grad_weight).
+    weight : ndarray of shape (prod(normalized_shape),), or None
+        gamma, flattened, a copy in the compute dtype (None: 1, and no grad_weight).
     weight_dtype, bias_dtype : dtype or None
         dtypes of the given weight and bias, for the returned gradients.
     """
@@ -85,7 +86,36 @@ def check_normalized_shape(normalized_shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in items)
 
 
-def _check_affine(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+def trailing_inputs(
+    x: Any, normalized_shape: Any, weight: Any
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None]:
+    """Layer norm's and RMSNorm's checks: float `x` ending with `normalized_shape`, and the weight."""
+    arr = as_float_input(x, "x")
+    shape = check_normalized_shape(normalized_shape)
+    check_trailing_shape(arr, shape)
+    return arr, shape, check_elementwise(weight, "weight", shape)
+
+
+def trailing_plan(x: np.ndarray, shape: tuple[int, ...], *, center: bool = True) -> RowPlan:
+    """The row-wise plan of `x` normalized over its trailing `shape`: rows of prod(shape) values."""
+    m = math.prod(shape)
+    return plan_for(
+        x, x.size // m if m else math.prod(x.shape[: x.ndim - len(shape)]), m, 1, 1, center=center
+    )
+
+
+def check_trailing_shape(x: np.ndarray, shape: tuple[int, ...]) -> None:
+    """`x` must end with `shape` (layer norm's and RMSNorm's normalized_shape)."""
+    k = len(shape)
+    if x.ndim < k or x.shape[x.ndim - k :] != shape:
+        raise ValueError(
+            f"x must end with normalized_shape={shape}: expected input of shape (*, "
+            f"{', '.join(map(str, shape))}), got {x.shape}"
+        )
+
+
+def check_elementwise(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An elementwise parameter of shape `shape` (layer norm's and RMSNorm's weight and bias)."""
     if value is None:
         return None
     arr = np.asarray(value)
@@ -118,55 +148,22 @@ def layer_norm_forward(
     >>> bool(np.allclose(dx, 0)), db
     (True, array([2., 2., 2.]))
     """
-    arr = as_float_input(x, "x")
-    shape = check_normalized_shape(normalized_shape)
-    k = len(shape)
-    if arr.ndim < k or arr.shape[arr.ndim - k :] != shape:
-        raise ValueError(
-            f"x must end with normalized_shape={shape}: expected input of shape (*, "
-            f"{', '.join(map(str, shape))}), got {arr.shape}"
-        )
+    arr, shape, w = trailing_inputs(x, normalized_shape, weight)
     eps_f = check_eps(eps, training=False)
-    w = _check_affine(weight, "weight", shape)
-    b = _check_affine(bias, "bias", shape)
-    m = int(np.prod(shape, dtype=np.int64))
-    rows = int(np.prod(arr.shape[: arr.ndim - k], dtype=np.int64))
-    x3 = row_view(arr, rows)  # (1, R, M)
-    moments = channel_moments(x3)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = moments.var(ddof=0) if m else np.zeros(rows)
-        invstd = 1.0 / np.sqrt(var + eps_f)
-    y = np.empty(arr.shape, dtype=arr.dtype)
-    gamma = None if w is None else w.astype(np.float64).ravel()
-    if arr.size:
-        with np.errstate(invalid="ignore", over="ignore"):
-            # x_hat = x * invstd - mean * invstd per row ...
-            affine_pass(x3, invstd, -moments.mean * invstd, row_view(y, rows))
-            if w is not None or b is not None:
-                # ... then y = x_hat * gamma + beta per position, in place over (R, M, 1).
-                yt = _positions_view(y, rows)
-                affine_pass(
-                    yt,
-                    np.ones(m) if gamma is None else gamma,
-                    np.zeros(m) if b is None else b.astype(np.float64).ravel(),
-                    yt,
-                )
+    b = check_elementwise(bias, "bias", shape)
+    plan = trailing_plan(arr, shape)
+    gamma = None if w is None else w.astype(plan.dtype).ravel()
+    y, mean, _var, invstd = normalize(arr, plan, gamma, b, eps_f)
     ctx = LayerNormContext(
         input=arr,
         normalized_shape=shape,
-        mean=moments.mean,
+        mean=mean,
         invstd=invstd,
         weight=gamma,
         weight_dtype=None if w is None else w.dtype,
         bias_dtype=None if b is None else b.dtype,
     )
     return y, ctx
-
-
-def _positions_view(a: np.ndarray, rows: int) -> np.ndarray:
-    """The ``(R, M, 1)`` view: each of the M normalized positions is a channel."""
-    per_row = a.size // rows if rows else 0
-    return a.reshape(rows, per_row, 1)
 
 
 def layer_norm(
@@ -241,13 +238,10 @@ def layer_norm_backward(
         \frac{\partial L}{\partial \gamma} = \sum_r g \odot \hat x,\qquad
         \frac{\partial L}{\partial \beta} = \sum_r g
 
-    Computed with the shared primitives and grad_input as the only scratch:
-    ``dx <- x_hat`` (affine pass over rows); ``dgamma, dbeta`` = per-position
-    sums of ``g`` and ``g * x_hat`` (:func:`backward_sums` over the
-    ``(R, M, 1)`` view); ``dx <- g * gamma`` (affine pass over positions); the
-    row sums of ``g_hat`` and ``g_hat * (x - mean)`` (:func:`backward_sums` over
-    ``(1, R, M)``); finally ``dx = g_hat * a + x * b + c`` per row
-    (:func:`backward_pass`, in place).
+    Computed tile by tile of whole rows (:func:`~bnorm.functional._kernels.rowwise.row_backward`):
+    per tile ``x - mean``, the column sums of ``g`` and ``g * x_hat`` and the
+    row sums of ``g_hat`` and ``g_hat * (x - mean)`` (BLAS against ones,
+    gamma and invstd), then dx; x_hat is recomputed, never stored.
 
     Parameters
     ----------
@@ -271,34 +265,15 @@ def layer_norm_backward(
         `grad_output` does not have the input's shape.
     """
     x, g, dx = start_backward(grad_output, ctx, LayerNormContext, "layer_norm_forward")
+    dgamma, dbeta = normalize_backward(
+        g,
+        x,
+        dx,
+        trailing_plan(x, ctx.normalized_shape),
+        ctx.mean,
+        ctx.invstd,
+        ctx.weight,
+        want_params=ctx.weight_dtype is not None or ctx.bias_dtype is not None,
+    )
     shape = ctx.normalized_shape
-    m = int(np.prod(shape, dtype=np.int64))
-    rows = ctx.mean.shape[0]
-    dgamma: np.ndarray = np.zeros(m)
-    dbeta: np.ndarray = np.zeros(m)
-    if x.size:
-        x3 = row_view(x, rows)  # (1, R, M)
-        dx3 = row_view(dx, rows)
-        mean, invstd = ctx.mean, ctx.invstd
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            if ctx.weight_dtype is not None or ctx.bias_dtype is not None:
-                # dx <- x_hat; per position: sum_r g and sum_r g * x_hat.
-                affine_pass(x3, invstd, -mean * invstd, dx3)
-                dbeta, dgamma = backward_sums(
-                    _positions_view(g, rows), _positions_view(dx, rows), np.zeros(m)
-                )
-            if ctx.weight is not None:
-                # dx <- g_hat = g * gamma (per position).
-                affine_pass(_positions_view(g, rows), ctx.weight, np.zeros(m), _positions_view(dx, rows))
-                ghat3 = dx3
-            else:
-                ghat3 = row_view(g, rows)
-            # Per row: sum(g_hat) and sum(g_hat * (x - mean)).
-            sum_ghat, sum_ghat_xc = backward_sums(ghat3, x3, mean)
-            mean_ghat = sum_ghat / m
-            mean_ghat_xhat = sum_ghat_xc * invstd / m
-            b = -invstd * invstd * mean_ghat_xhat
-            c = -invstd * mean_ghat - mean * b
-            # dx = g_hat * invstd + x * b + c (ghat3 may be dx3 itself: elementwise, in place).
-            backward_pass(ghat3, x3, invstd, b, c, dx3)
     return (dx, *param_grads(dgamma, dbeta, ctx.weight_dtype, ctx.bias_dtype, shape))

@@ -1,6 +1,6 @@
 r"""The rest of the normalization family.
 
-``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``.
+``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``.
 
 Each layer owns its parameters (and instance norm its optional running
 buffers) and calls the stateless kernels of :mod:`bnorm.functional`; the
@@ -32,9 +32,10 @@ from ..functional.layer_norm import (
     layer_norm_backward,
     layer_norm_forward,
 )
+from ..functional.rms_norm import rms_norm_backward, rms_norm_forward
 from ._base import Module
 
-__all__ = ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
 _check_flag = check_bool
@@ -188,6 +189,96 @@ class LayerNorm(_NormLayer):
             f"{self.normalized_shape}, eps={self.eps!r}, elementwise_affine={self.elementwise_affine}, "
             f"bias={self._bias_flag}"
         )
+
+
+class RMSNorm(_NormLayer):
+    r"""Root-mean-square normalization over the trailing `normalized_shape` axes.
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \odot \gamma
+
+    The mean square is taken per sample over the last
+    ``len(normalized_shape)`` axes; nothing is subtracted and there is no
+    bias.  The same computation in training and evaluation.  PyTorch's
+    :class:`torch.nn.RMSNorm` (state dict ``weight``; ``repr``
+    ``RMSNorm((4,), eps=None, elementwise_affine=True)``).
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing shape F; the input is ``(*, *F)``.
+    eps : float or None, default None
+        Added to the mean square (>= 0).  None is PyTorch's default: the machine
+        epsilon of the *input's* compute dtype at each call
+        (:func:`bnorm.functional.default_rms_eps`; ``1.19e-07`` for float32
+        and float16 input), not the parameters' dtype.  Keras 3's
+        ``RMSNormalization`` defaults to ``eps=1e-6``, ONNX's to ``1e-5``.
+    elementwise_affine : bool, default True
+        A learnable weight gamma of shape F (init 1); False: none.
+    dtype : dtype, default float32, keyword-only
+        dtype of the weight.
+
+    Attributes
+    ----------
+    weight : ndarray of shape normalized_shape, or None
+        gamma (Keras calls it ``scale``).
+    grad_weight : ndarray or None
+        Set by :meth:`backward`; :attr:`grad_bias` is always None.
+
+    Notes
+    -----
+    How to reproduce the other frameworks' forms (same formula, other
+    defaults and axis conventions) is in :func:`bnorm.functional.rms_norm`;
+    :func:`bnorm.interop.from_torch` and :func:`bnorm.interop.from_keras`
+    convert the layers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bnorm
+    >>> norm = bnorm.RMSNorm(2)
+    >>> norm
+    RMSNorm((2,), eps=None, elementwise_affine=True)
+    >>> y = norm(np.array([[3.0, 4.0], [1.0, -1.0]]))
+    >>> y.round(4)
+    array([[ 0.8485,  1.1314],
+           [ 1.    , -1.    ]])
+    >>> dx = norm.backward(np.ones_like(y)); norm.grad_weight.round(4)
+    array([1.8485, 0.1314], dtype=float32)
+    """
+
+    _parameters = ("weight",)
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = check_normalized_shape(normalized_shape)
+        self.eps: float | None = None if eps is None else check_eps(eps, training=False)
+        self.elementwise_affine = _check_flag(elementwise_affine, "elementwise_affine")
+        self.dtype = check_float_dtype(dtype)
+        self._init_affine(self.normalized_shape, self.elementwise_affine, False)
+        self._backward_fn = _rms_backward
+
+    def forward(self, x: Any, *, training: bool | None = None) -> np.ndarray:
+        """Normalize `x` of shape ``(*, *normalized_shape)``; `training` changes nothing."""
+        y, self._ctx = rms_norm_forward(x, self.normalized_shape, self.weight, self.eps)
+        return y
+
+    def extra_repr(self) -> str:
+        """The arguments shown by ``repr`` (PyTorch's)."""
+        return f"{self.normalized_shape}, eps={self.eps!r}, elementwise_affine={self.elementwise_affine}"
+
+
+def _rms_backward(grad_output: Any, ctx: Any) -> tuple[np.ndarray, np.ndarray | None, None]:
+    """:func:`rms_norm_backward` in the layers' (dx, dw, db) protocol (no bias: db None)."""
+    dx, dw = rms_norm_backward(grad_output, ctx)
+    return dx, dw, None
 
 
 class GroupNorm(_NormLayer):

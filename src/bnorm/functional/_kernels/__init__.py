@@ -8,8 +8,13 @@ Files
   formulas as a handful of whole-array NumPy calls, no tiles, no threads.
 * :mod:`.moments` -- :class:`Moments` (count, mean, M2) and their Chan merge;
   the shifted sums behind every statistic.
-* :mod:`.channel` -- the per-channel tiled passes (batch norm on large input;
-  layer, group and instance norm until their fused row kernels replace them).
+* :mod:`.channel` -- the per-channel tiled passes (batch norm on large input,
+  float16, other layouts, and SyncBatchNorm).
+* :mod:`.rowwise` -- layer, group, instance and RMS norm: statistics and
+  normalization fused on one cache-resident tile of whole rows (with its own
+  direct path for small input).
+* :mod:`.buffers` -- large outputs that reuse the memory of outputs the caller
+  dropped (no page faults on every fresh output).
 
 The rule
 --------

@@ -6,9 +6,8 @@ Every function works on ``(A, K, B)`` views (see
 :mod:`~bnorm.functional._kernels.moments`) and per-channel float64 vectors of
 length K; outputs go into a given array.  :func:`tiled_sums` returns float64
 per-channel sums; :func:`affine_pass` and :func:`backward_pass` write
-``(x - center) * scale + shift`` and ``g * a + x * b + c``.  Layer, group and
-instance norm use the same passes on their views until their fused row
-kernels replace them.
+``(x - center) * scale + shift`` and ``g * a + x * b + c``.  (Layer, group,
+instance and RMS norm have their own fused kernels in :mod:`.rowwise`.)
 
 How the kernels are fast
 ------------------------
@@ -26,7 +25,7 @@ How the kernels are fast
   loops), else *planes* -- the per-channel coefficients broadcast over a whole
   row of the view, or over a run of channels -- because NumPy's loops over
   contiguous operands run two to three times faster than its broadcasting
-  ones; views with few rows of A (layer, group and instance norm) broadcast
+  ones; views with few rows of A (a batch of one or two) broadcast
   columns, since a plane would serve too few tiles.  See :func:`_elementwise`.
 * Work items (tiles, runs of rows) are cut from the shape alone and handed to
   :func:`~bnorm.functional._kernels.pool.parallel_map`; partial sums are
@@ -538,7 +537,7 @@ def _elementwise(
       planes of the run's shape, kept per thread and reused down the rows of A
       (tiles are ordered run by run).
     * 'columns' (small or non-contiguous arrays, or fewer than PLANE_REUSE
-      rows of A -- layer, group and instance norm): tiles of :func:`_tiles`,
+      rows of A -- a batch of one or two): tiles of :func:`_tiles`,
       the coefficients broadcast as columns.
 
     Extra memory: per thread, the planes (at most 1/8 of the array over all
