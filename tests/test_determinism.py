@@ -108,16 +108,19 @@ def test_threaded_work_is_really_split():
     lock = threading.Lock()
     barrier = threading.Barrier(2, timeout=10)
 
+    n = 8
+    chunk = -(-n // (pool.CHUNKS_PER_THREAD * 2))  # threads take runs of this many items
+
     def fn(i: int) -> int:
         with lock:
             names.add(threading.current_thread().name)
-        if i < 2:
-            barrier.wait()  # the first two items must run at the same time, on two threads
+        if i in (0, chunk):
+            barrier.wait()  # the first items of the first two runs must run at once, on two threads
         return i * i
 
     try:
         bnorm.set_num_threads(2)
-        assert pool.parallel_map(fn, list(range(8)), pool.PARALLEL_MIN_ELEMENTS) == [i * i for i in range(8)]
+        assert pool.parallel_map(fn, list(range(n)), pool.PARALLEL_MIN_ELEMENTS) == [i * i for i in range(n)]
     finally:
         bnorm.set_num_threads(old)
     assert len(names) == 2

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..._validation import compute_dtype as _compute_dtype
-from .pool import parallel_map
+from .pool import num_threads, parallel_map
 
 __all__ = ["SCRATCH_THREADS", "affine_pass", "backward_pass", "col", "tiled_sums"]
 
@@ -66,10 +66,12 @@ TILE_ELEMENTS = 1 << 16
 #: shorter ones column-wise over the rows of a tile.
 ROW_DOT_MIN = 128
 
-#: The tiling bounds scratch memory (planes, tile temporaries) for this many
-#: threads holding tiles at once (the default thread count's cap).  It is a
-#: constant, not :func:`num_threads`: the tiling decides rounding, and must not
-#: depend on the thread count.
+#: The sums' tiling bounds scratch memory for this many threads holding tiles at
+#: once (the default thread count's cap).  It is a constant, not
+#: :func:`num_threads`: the sums' tiling decides their rounding, and must not
+#: depend on the thread count.  (The elementwise passes compute every output
+#: element with the same operations however they are tiled, so their scratch
+#: bound follows the actual thread count: see :func:`_scratch_threads`.)
 SCRATCH_THREADS = 8
 
 #: Values per work item of the whole-array sums (1 MiB of float32): enough
@@ -77,6 +79,13 @@ SCRATCH_THREADS = 8
 #: thread to take over a descheduled helper's share -- few enough that the
 #: per-call overhead stays below 1%.
 SUM_ITEM_ELEMENTS = 1 << 18
+
+#: Rows per np.vecdot call of the whole-array sums at least: NumPy runs a
+#: gufunc's loop without the GIL only over more than 500 outer iterations.
+GIL_FREE_ROWS = 512
+
+#: The whole-array sums cut a large array into this many parts per thread (see :func:`_sum_item`).
+PARTS_PER_THREAD = 2
 
 FloatArray = np.ndarray[Any, np.dtype[np.floating[Any]]]
 
@@ -301,6 +310,20 @@ SUM_GROUP = 256
 NARROW_ROW = 64
 
 
+def _sum_item(size: int) -> int:
+    """Values per work item of the whole-array sums: PARTS_PER_THREAD parts per thread.
+
+    The split cannot change a bit: every row's (or group's) partial sums land in
+    their own slot of one array, which is summed in float64 in an order fixed by
+    the shape.  So the parts are sized for the threads there are: two streaming
+    calls over a large part beat many calls over cached 1 MiB parts on two
+    threads (measured on (32, 64, 56, 56) float32: 1.07 ms in halves against
+    1.59 ms in 25 parts; one thread 1.5 ms), and two parts per thread leave the
+    calling thread a part to take over from a descheduled helper.
+    """
+    return max(SUM_ITEM_ELEMENTS, -(-size // (PARTS_PER_THREAD * _scratch_threads())))
+
+
 def _whole_sums(
     x3: np.ndarray, y3: np.ndarray | None, ct: np.dtype[Any], shift: np.ndarray | None = None
 ) -> tuple[FloatArray, FloatArray] | None:
@@ -337,9 +360,9 @@ def _whole_sums(
     a, k, b = x3.shape
     # Values per work item; with a shift each thread's scratch part is one item:
     # all of them together within 1/16 of the input.
-    item = SUM_ITEM_ELEMENTS
+    item = _sum_item(x3.size)
     if shift is not None:
-        item = min(item, max(SMALL_BUDGET, x3.size // (16 * SCRATCH_THREADS)))
+        item = min(item, max(SMALL_BUDGET, x3.size // (16 * _scratch_threads())))
     local = threading.local()
 
     def scratch(shape: tuple[int, int]) -> np.ndarray:
@@ -362,7 +385,12 @@ def _whole_sums(
         c_rows = None if shift is None else np.tile(np.repeat(shift.astype(ct), b // length), a)[:, None]
         # Runs of rows of about SUM_ITEM_ELEMENTS values, two calls each: few calls
         # (each costs a GIL hand-over), yet enough runs to share among threads.
-        step = max(1, item // length)
+        # At least GIL_FREE_ROWS rows per call: NumPy releases the GIL in np.vecdot
+        # only for more than 500 rows (its threading threshold), and a part of
+        # 256 rows of 4096 kept the other thread waiting (measured on
+        # (8, 32, 16, 32, 32) float32: the sums took 1.3 ms on 2 threads, as on 1;
+        # 0.75 ms in parts of 512 rows).
+        step = max(1, item // length, GIL_FREE_ROWS)
         parts = [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
 
         def rows_work(sl: slice) -> None:
@@ -481,6 +509,19 @@ class _Step:
     scaled_by: str | None = None
 
 
+def _scratch_threads() -> int:
+    """Threads whose planes and tile temporaries the elementwise passes budget for.
+
+    The threads that can hold tiles at once.  Budgeting for SCRATCH_THREADS on a
+    2-thread pool cut the planes, runs and tiles four times smaller than memory
+    allows: 4x the NumPy calls per pass, each on a quarter of the data, which
+    made 2-thread backward passes slower than 1-thread ones (measured on
+    (128, 512, 7, 7) float32: 6.6 ms on 2 threads, 4.7 ms on 1).  Tiling does not
+    change an elementwise result, so this cannot change any bit.
+    """
+    return max(1, min(SCRATCH_THREADS, num_threads()))
+
+
 def _pass_layout(
     shape3: tuple[int, int, int], contiguous: bool, n_coefs: int, tile_max: int
 ) -> tuple[str, int, int]:
@@ -498,7 +539,7 @@ def _pass_layout(
     if a < PLANE_REUSE:
         return "columns", tile_max, 0  # a plane would serve too few tiles to pay for itself
     # Every thread's planes together within 1/8 of the array (or a few small ones).
-    budget = max(SMALL_BUDGET, size // (8 * SCRATCH_THREADS * max(1, n_coefs)))
+    budget = max(SMALL_BUDGET, size // (8 * _scratch_threads() * max(1, n_coefs)))
     row = k * b
     if contiguous and row <= min(tile_max, budget):
         p = max(1, min(a, PLANE_ELEMENTS // row, budget // row))
@@ -556,7 +597,7 @@ def _elementwise(
     temps = (0 if direct else 1) + sum(1 for s in steps if s.scaled_by is not None)
     tile_max = PASS_TILE
     if temps:
-        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * SCRATCH_THREADS * temps)))
+        tile_max = max(SMALL_BUDGET, min(PASS_TILE, size // (16 * _scratch_threads() * temps)))
     contiguous = out3.flags.c_contiguous and all(arr.flags.c_contiguous for arr in arrays.values())
     form, tile, extent = _pass_layout(out3.shape, contiguous, len(coefs), tile_max)
     # The first operation streams the input from memory.  With scalar operands an

@@ -48,6 +48,9 @@ __all__ = ["PARALLEL_MIN_ELEMENTS", "num_threads", "parallel_map", "set_num_thre
 #: it, waking a helper (~20-50 us with the GIL hand-over) costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
+#: Each thread's share of a job is cut into this many runs of consecutive items.
+CHUNKS_PER_THREAD = 2
+
 _T = TypeVar("_T")
 
 
@@ -66,11 +69,16 @@ class _Job:
     (a lock held by a descheduled thread would).
     """
 
-    __slots__ = ("_done", "_errors", "_finished", "_next", "fn", "items", "results")
+    __slots__ = ("_done", "_errors", "_finished", "_next", "chunk", "fn", "items", "results")
 
-    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any], threads: int) -> None:
         self.fn = fn
         self.items = items
+        # Runs of consecutive items, CHUNKS_PER_THREAD per thread: a thread works
+        # through neighbouring tiles (measured: item by item, two threads made the
+        # elementwise passes of (32, 64, 56, 56) float32 1.2x slower than runs),
+        # and the runs left when a helper is descheduled go to the caller.
+        self.chunk = max(1, -(-len(items) // (CHUNKS_PER_THREAD * threads)))
         self.results: list[Any] = [None] * len(items)
         self._next = itertools.count()
         self._done = itertools.count(1)
@@ -78,18 +86,20 @@ class _Job:
         self._errors: list[tuple[int, BaseException]] = []
 
     def work(self) -> None:
-        """Run items until none is left (called by the caller and by helpers)."""
+        """Run chunks of items until none is left (called by the caller and by helpers)."""
         n = len(self.items)
+        chunks = -(-n // self.chunk)
         while True:
-            i = next(self._next)
-            if i >= n:
+            j = next(self._next)
+            if j >= chunks:
                 return
-            if not self._errors:  # after a failure the rest are only counted
-                try:
-                    self.results[i] = self.fn(self.items[i])
-                except BaseException as e:  # re-raised by the caller, in item order
-                    self._errors.append((i, e))
-            if next(self._done) == n:
+            for i in range(j * self.chunk, min(n, (j + 1) * self.chunk)):
+                if not self._errors:  # after a failure the rest are only counted
+                    try:
+                        self.results[i] = self.fn(self.items[i])
+                    except BaseException as e:  # re-raised by the caller, in item order
+                        self._errors.append((i, e))
+            if next(self._done) == chunks:
                 self._finished.set()
 
     def wait(self) -> list[Any]:
@@ -228,4 +238,4 @@ def parallel_map(fn: Callable[[Any], _T], items: Sequence[Any], work_elements: i
     helpers = min(pool.threads, len(items)) - 1
     if helpers <= 0 or work_elements < PARALLEL_MIN_ELEMENTS:
         return [fn(item) for item in items]
-    return pool.run(_Job(fn, items), helpers)
+    return pool.run(_Job(fn, items, helpers + 1), helpers)
