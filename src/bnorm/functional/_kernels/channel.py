@@ -385,12 +385,13 @@ def _whole_sums(
         c_rows = None if shift is None else np.tile(np.repeat(shift.astype(ct), b // length), a)[:, None]
         # Runs of rows of about SUM_ITEM_ELEMENTS values, two calls each: few calls
         # (each costs a GIL hand-over), yet enough runs to share among threads.
-        # At least GIL_FREE_ROWS rows per call: NumPy releases the GIL in np.vecdot
-        # only for more than 500 rows (its threading threshold), and a part of
-        # 256 rows of 4096 kept the other thread waiting (measured on
+        # Unshifted, at least GIL_FREE_ROWS rows per call: NumPy releases the GIL in
+        # np.vecdot only for more than 500 rows (its threading threshold), and a
+        # part of 256 rows of 4096 kept the other thread waiting (measured on
         # (8, 32, 16, 32, 32) float32: the sums took 1.3 ms on 2 threads, as on 1;
-        # 0.75 ms in parts of 512 rows).
-        step = max(1, item // length, GIL_FREE_ROWS)
+        # 0.75 ms in parts of 512 rows).  Shifted, the part is the scratch for
+        # d = x - shift, whose memory bound comes first.
+        step = max(1, item // length, GIL_FREE_ROWS if shift is None else 1)
         parts = [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
 
         def rows_work(sl: slice) -> None:
