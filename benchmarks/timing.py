@@ -143,8 +143,19 @@ def geomean(values: list[float]) -> float:
 
 
 def peak_bytes(f: Callable[[], Any]) -> int:
-    """Peak extra bytes (tracemalloc) allocated during one call of `f`, its result included."""
+    """Peak extra bytes (tracemalloc) allocated during one call of `f`, its result included.
+
+    bnorm's output cache is emptied first, so a large output is a fresh
+    allocation and counts: a recycled one (the memory of an output the previous
+    call dropped) would not, and the figure would read near 0.
+    """
     f()
+    try:  # private, and absent from older bnorm versions being timed
+        from bnorm.functional._kernels import buffers
+    except ImportError:
+        pass
+    else:
+        buffers.clear()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]

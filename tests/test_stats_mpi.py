@@ -9,8 +9,6 @@ error (``--strict``) must end every rank with status 3, without a hang.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,32 +19,15 @@ import pytest
 pytest.importorskip("mpi4py")
 Image = pytest.importorskip("PIL.Image")
 
-from test_sync_mpi import TIMEOUT, _mpiexec  # noqa: E402  (same launcher and time limit)
+from test_sync_mpi import _mpiexec, run_with_limit  # noqa: E402  (same launcher and time limit)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bnorm_stats(args: list[str], ranks: int, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``[mpiexec -n ranks] python -m bnorm stats args`` in its own process group, killed on timeout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    """``[mpiexec -n ranks] python -m bnorm stats args``, killed whole on timeout."""
     launcher = [_mpiexec(), "-n", str(ranks)] if ranks > 1 else []
-    cmd = [*launcher, sys.executable, "-m", "bnorm", "stats", *args, "--no-progress"]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT} s (a rank hung?)\n{out}\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_with_limit([*launcher, sys.executable, "-m", "bnorm", "stats", *args, "--no-progress"], cwd)
 
 
 @pytest.fixture

@@ -58,16 +58,16 @@ def _mpiexec() -> str:
     return found
 
 
-def run_mpi(script: str, n: int = 3) -> subprocess.CompletedProcess[str]:
-    """``mpiexec -n n python script`` in its own process group, killed whole on timeout."""
+def run_with_limit(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` (src/ on PYTHONPATH) in its own process group, killed whole after TIMEOUT s."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
-        [_mpiexec(), "-n", str(n), sys.executable, str(ROOT / "tests" / "mpi" / script)],
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         start_new_session=True,
     )
     try:
@@ -75,8 +75,15 @@ def run_mpi(script: str, n: int = 3) -> subprocess.CompletedProcess[str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {script} did not finish in {TIMEOUT} s (a rank hung?)\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT} s (a rank hung?)\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_mpi(script: str, n: int = 3) -> subprocess.CompletedProcess[str]:
+    """``mpiexec -n n python script``, with the time limit of :func:`run_with_limit`."""
+    return run_with_limit(
+        [_mpiexec(), "-n", str(n), sys.executable, str(ROOT / "tests" / "mpi" / script)], ROOT
+    )
 
 
 def test_mpiexec_is_found() -> None:
