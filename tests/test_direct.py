@@ -15,6 +15,7 @@ from reference import ref_batch_stats, ref_forward
 
 from bnorm.functional import batch_norm_backward, batch_norm_forward
 from bnorm.functional._kernels import DIRECT_MAX_ELEMENTS, kernel_for
+from bnorm.functional._kernels.direct import TINY_MAX_ELEMENTS
 from bnorm.functional._kernels.moments import channel_view
 
 SMALL = [
@@ -144,3 +145,54 @@ def test_direct_and_channel_kernels_agree_at_the_boundary():
         np.testing.assert_allclose(ctx.mean, mean, rtol=0, atol=1e-6 * np.sqrt(var).max())
     assert kernel_for("batch_norm", channel_view(np.empty((n_small, c), np.float32), 1)) == "direct"
     assert kernel_for("batch_norm", channel_view(np.empty((n_small + 1, c), np.float32), 1)) == "channel"
+
+
+# Shapes on both sides of each op's float64 threshold (direct.TINY_MAX_ELEMENTS).
+FORMS = [(4, 8), (8, 4, 4, 2), (32, 64), (60, 100), (16, 8, 8, 16)]
+
+
+def test_forms_cover_both_sides_of_every_threshold():
+    sizes = [int(np.prod(s)) for s in FORMS]
+    for limit in TINY_MAX_ELEMENTS.values():
+        assert min(sizes) <= limit < max(sizes)
+
+
+@pytest.mark.parametrize("shape", FORMS, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_eval_and_frozen_backward_match_float64_reference(shape, dtype):
+    """Evaluation forward and its backward (constant statistics) in both forms."""
+    rng = np.random.default_rng(6)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c) + 3, rng.uniform(2.0, 6.0, c)
+    y, ctx = batch_norm_forward(x, rm, rv, w, b, training=False)
+    y_ref = ref_forward(x, rm, rv, w, b)
+    assert y.dtype == dtype
+    assert np.max(np.abs(y - y_ref) / (np.abs(y_ref) + 1)) <= TOL[dtype]
+    dx, dw, db = batch_norm_backward(g, ctx)
+    shape_c = [1] * x.ndim
+    shape_c[1] = -1
+    invstd = 1 / np.sqrt(rv + 1e-5)
+    g64 = g.astype(np.float64)
+    dx_ref = g64 * (w * invstd).reshape(shape_c)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    dw_ref = (g64 * (x.astype(np.float64) - rm.reshape(shape_c))).sum(axis=axes) * invstd
+    assert np.max(np.abs(dx - dx_ref) / (np.abs(dx_ref) + 1)) <= TOL[dtype]
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+    np.testing.assert_allclose(db, g64.sum(axis=axes), rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", FORMS, ids=str)
+@pytest.mark.parametrize("value", [0.1, 1e4 + 0.3, -7.7e7])
+def test_direct_constant_float64_channel_is_exact_in_both_forms(shape, value):
+    """A float64 sum of copies of 0.1 is not exact; the corrected mean still is 0.1."""
+    x = np.random.default_rng(7).standard_normal(shape)
+    x[:, 1] = value
+    y, ctx = batch_norm_forward(x, None, None, training=True)
+    assert np.all(y[:, 1] == 0)
+    assert ctx.mean[1] == value
+    dx, _, _ = batch_norm_backward(np.random.default_rng(8).standard_normal(shape), ctx)
+    assert np.all(np.isfinite(dx))

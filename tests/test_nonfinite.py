@@ -157,3 +157,23 @@ def test_recompute_running_stats_checks_the_total_after_the_cast():
     with pytest.warns(RuntimeWarning, match="overflow"):
         bn.recompute_running_stats(batches)
     assert np.all(bn.running_var == 1) and int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finite_values_whose_sum_overflows_are_absorbed(dtype):
+    """The quick check sums the converted values; a sum past the dtype's largest
+    value must not count as non-finite (the exact check decides)."""
+    from bnorm._running import stage_running_update
+
+    big = float(np.finfo(dtype).max) * 0.75
+    value = np.array([big, big, 1.0])
+    buffer = np.zeros(3, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        staged = stage_running_update([("running_mean", buffer, value)], "raise", stacklevel=1)
+    assert staged is not None
+    np.testing.assert_array_equal(staged[0][1], value.astype(dtype))
+    nan = value.copy()
+    nan[2] = np.nan
+    with pytest.raises(FloatingPointError, match="not finite"):
+        stage_running_update([("running_mean", buffer, nan)], "raise", stacklevel=1)

@@ -19,6 +19,7 @@ so a call that raises changes no state.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -89,13 +90,16 @@ def stage_running_update(
     FloatingPointError
         Under 'raise', if any converted value is NaN or inf.
     """
-    staged = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        staged = [(buffer, np.asarray(value).astype(buffer.dtype)) for _, buffer, value in updates]
+        # The common case in one reduction per buffer: a sum is finite only if every
+        # value is (a NaN or inf makes it NaN or inf).  A finite sum that overflows
+        # (values near the dtype's largest) only sends the call to the exact check.
+        if all(math.isfinite(np.add.reduce(converted, axis=None)) for _, converted in staged):
+            return staged
     bad_source: list[str] = []
     overflow: list[str] = []
-    for name, buffer, value in updates:
-        with np.errstate(over="ignore", invalid="ignore"):
-            converted = np.asarray(value).astype(buffer.dtype)
-        staged.append((buffer, converted))
+    for (name, _, value), (_, converted) in zip(updates, staged):
         if not np.isfinite(converted).all():
             (overflow if np.isfinite(value).all() else bad_source).append(name)
     if not bad_source and not overflow:
