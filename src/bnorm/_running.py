@@ -99,7 +99,7 @@ def stage_running_update(
             return staged
     bad_source: list[str] = []
     overflow: list[str] = []
-    for (name, _, value), (_, converted) in zip(updates, staged):
+    for (name, _, value), (_, converted) in zip(updates, staged, strict=True):
         if not np.isfinite(converted).all():
             (overflow if np.isfinite(value).all() else bad_source).append(name)
     if not bad_source and not overflow:
