@@ -72,6 +72,7 @@ from suite_report import evaluate_targets, markdown
 
 import bnorm
 from bnorm import functional as F
+from bnorm.functional._kernels.pool import reset_contention
 
 SCHEMA = "bnorm-bench-suite/1"
 EPS = 1e-5
@@ -513,6 +514,10 @@ def _ratios(row: dict[str, Any]) -> dict[str, dict[str, float]]:
 def run_row(row: Row, rounds: int, target: float, settle: float, reps: int | None = None) -> dict[str, Any]:
     """Time one row; its JSON record."""
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    # Each row starts with the pool's contention state cleared, so a quiet row never
+    # runs in the one-thread backoff a busy row left behind (and a busy row's first
+    # threaded call is a probe, as in a real loop that just met the load).
+    reset_contention()
     results = timing.interleave(row.fns, rounds, target, setups=row.setups, settle_seconds=settle, reps=reps)
     record = {
         "section": row.section,

@@ -11,6 +11,7 @@ default thread count is its CPU count).  Shapes cover the direct kernels
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_threaded_work_is_really_split():
     barrier = threading.Barrier(2, timeout=10)
 
     n = 8
-    chunk = -(-n // (pool.CHUNKS_PER_THREAD * 2))  # threads take runs of this many items
+    chunk = pool._Job(abs, list(range(n)), 2).bounds[1]  # the first run's length: the second starts there
 
     def fn(i: int) -> int:
         with lock:
@@ -120,10 +121,55 @@ def test_threaded_work_is_really_split():
 
     try:
         bnorm.set_num_threads(2)
+        pool.reset_contention()  # an earlier test's load must not make this call serial
         assert pool.parallel_map(fn, list(range(n)), pool.PARALLEL_MIN_ELEMENTS) == [i * i for i in range(n)]
     finally:
         bnorm.set_num_threads(old)
     assert len(names) == 2
+
+
+def test_runs_shrink_towards_the_end():
+    """Guided runs: the first is the work over 2 * threads, the last ones single items."""
+    bounds = pool._Job(abs, list(range(64)), 2).bounds
+    sizes = np.diff(bounds)
+    assert bounds[0] == 0 and bounds[-1] == 64
+    assert sizes[0] == 16 and sizes[-1] == 1
+    assert np.all(np.diff(sizes) <= 0)
+
+
+def _threads_used(n_items: int) -> set[str]:
+    names: set[str] = set()
+    lock = threading.Lock()
+
+    def fn(i: int) -> int:
+        with lock:
+            names.add(threading.current_thread().name)
+        time.sleep(0.002)  # long enough for the helper to take items too
+        return i
+
+    assert pool.parallel_map(fn, list(range(n_items)), pool.PARALLEL_MIN_ELEMENTS) == list(range(n_items))
+    return names
+
+
+def test_a_contended_call_backs_off_to_one_thread(restore_threads, monkeypatch):
+    """A call whose calling thread mostly did not run makes the next calls serial, for a while."""
+    bnorm.set_num_threads(2)
+    pool.reset_contention()
+    if not pool._CPU_CLOCK_OK:
+        pytest.skip("time.thread_time is too coarse here: no contention detection")
+    assert len(_threads_used(16)) == 2
+    monkeypatch.setattr(pool, "BACKOFF_MIN", 0.2)
+    pool.reset_contention()
+    # Sleeping in every item keeps the caller off the CPU, as a descheduled thread would be.
+    _threads_used(8)
+    assert pool._pool.serial()
+    assert _threads_used(16) == {threading.current_thread().name}  # backing off: the caller alone
+    assert pool._pool.backoff == 0.4  # a further contended probe would wait twice as long
+    time.sleep(0.25)
+    assert not pool._pool.serial()
+    pool._pool._observe(1.0, 0.9)  # an uncontended call resets the backoff
+    assert pool._pool.backoff == pool.BACKOFF_MIN
+    pool.reset_contention()
 
 
 def test_parallel_map_raises_the_first_failing_item():

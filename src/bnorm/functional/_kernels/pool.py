@@ -12,14 +12,28 @@ bit-identical for any :func:`set_num_threads` value and on any machine.
 Scheduling
 ----------
 The calling thread and up to ``num_threads() - 1`` helper threads take the next
-item from one shared counter until none is left (NumPy releases the GIL in its
-loops, so the threads overlap).  The caller never waits for a group of items
-assigned in advance: when a helper is descheduled -- another process keeps the
-cores busy -- the caller takes the remaining items itself and waits at most
-for the items already started, so a loaded machine is no slower than one
-thread (plus one item).  Small work (`work_elements` below
-:data:`PARALLEL_MIN_ELEMENTS`) and one-thread settings run on the caller alone,
-without touching the pool.
+run of items from one shared counter until none is left (NumPy releases the
+GIL in its loops, so the threads overlap).  The runs shrink as the work runs
+out (guided scheduling: each is the remaining items over
+``CHUNKS_PER_THREAD * threads``), so neighbouring tiles stay together early on
+and a thread that is descheduled holds only a little of the work at the end.
+Small work (`work_elements` below :data:`PARALLEL_MIN_ELEMENTS`) and
+one-thread settings run on the caller alone, without touching the pool.
+
+A loaded machine
+----------------
+When other processes keep the cores busy, a kernel's threads are descheduled in
+turn and the call waits for whichever holds the last run: measured on the
+2-core machine with one competing CPU-bound process, batch norm on
+(32, 64, 56, 56) float32 took 5.4 ms (training) and 8.6-9.5 ms (backward) on
+two threads against 4.8 and 7.9 ms on one.  So every threaded call measures
+how long the calling thread actually ran (``time.thread_time``) against the
+wall time: on a quiet machine it is idle for 3-20% of a call (waiting for the
+helper's last item), under that load for ~70%.  A call idle for more than
+:data:`CONTENDED_IDLE` of its time makes the following calls run on the caller
+alone for :data:`BACKOFF_MIN` seconds, doubling up to :data:`BACKOFF_MAX` while
+the threaded calls that probe again stay contended; one uncontended call
+resets it.  Results are the same bits either way.
 
 Threads
 -------
@@ -37,19 +51,35 @@ import itertools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["PARALLEL_MIN_ELEMENTS", "num_threads", "parallel_map", "set_num_threads"]
+__all__ = ["PARALLEL_MIN_ELEMENTS", "num_threads", "parallel_map", "reset_contention", "set_num_threads"]
 
 #: Work smaller than this many elements runs on the calling thread alone: below
 #: it, waking a helper (~20-50 us with the GIL hand-over) costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
-#: Each thread's share of a job is cut into this many runs of consecutive items.
+#: Each run of items is the remaining items over this many times the thread count.
 CHUNKS_PER_THREAD = 2
+
+#: A threaded call whose calling thread ran for less than ``1 - CONTENDED_IDLE``
+#: of its wall time counts as contended (quiet: idle 3-20%; one competing
+#: process on two cores: ~70%).
+CONTENDED_IDLE = 0.4
+
+#: Seconds of one-thread calls after a contended call, doubled for each further
+#: contended probe up to BACKOFF_MAX: at most one slow call per BACKOFF_MAX
+#: while the machine stays busy.
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+
+# Whether time.thread_time can measure a call of a few ms (Linux, macOS: ns;
+# Windows: 15.6 ms ticks -- no contention detection there).
+_CPU_CLOCK_OK = time.get_clock_info("thread_time").resolution <= 1e-6
 
 _T = TypeVar("_T")
 
@@ -69,31 +99,36 @@ class _Job:
     (a lock held by a descheduled thread would).
     """
 
-    __slots__ = ("_done", "_errors", "_finished", "_next", "chunk", "fn", "items", "results")
+    __slots__ = ("_done", "_errors", "_finished", "_next", "bounds", "fn", "items", "results")
 
     def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any], threads: int) -> None:
         self.fn = fn
         self.items = items
-        # Runs of consecutive items, CHUNKS_PER_THREAD per thread: a thread works
-        # through neighbouring tiles (measured: item by item, two threads made the
+        # Guided runs of consecutive items: long ones first (a thread works through
+        # neighbouring tiles -- measured: item by item, two threads made the
         # elementwise passes of (32, 64, 56, 56) float32 1.2x slower than runs),
-        # and the runs left when a helper is descheduled go to the caller.
-        self.chunk = max(1, -(-len(items) // (CHUNKS_PER_THREAD * threads)))
-        self.results: list[Any] = [None] * len(items)
+        # short ones last, so a descheduled thread holds little of the work.
+        n = len(items)
+        bounds = [0]
+        while bounds[-1] < n:
+            rest = n - bounds[-1]
+            bounds.append(bounds[-1] + max(1, -(-rest // (CHUNKS_PER_THREAD * threads))))
+        self.bounds = bounds
+        self.results: list[Any] = [None] * n
         self._next = itertools.count()
         self._done = itertools.count(1)
         self._finished = threading.Event()
         self._errors: list[tuple[int, BaseException]] = []
 
     def work(self) -> None:
-        """Run chunks of items until none is left (called by the caller and by helpers)."""
-        n = len(self.items)
-        chunks = -(-n // self.chunk)
+        """Run runs of items until none is left (called by the caller and by helpers)."""
+        bounds = self.bounds
+        chunks = len(bounds) - 1
         while True:
             j = next(self._next)
             if j >= chunks:
                 return
-            for i in range(j * self.chunk, min(n, (j + 1) * self.chunk)):
+            for i in range(bounds[j], bounds[j + 1]):
                 if not self._errors:  # after a failure the rest are only counted
                     try:
                         self.results[i] = self.fn(self.items[i])
@@ -117,6 +152,8 @@ class _Pool:
         self.threads = threads
         self.helpers = 0  # helper threads alive (or about to start)
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.serial_until = 0.0  # time.monotonic() before which calls run on the caller alone
+        self.backoff = BACKOFF_MIN
 
     def _serve(self) -> None:
         q = self.queue
@@ -143,8 +180,26 @@ class _Pool:
                 self.helpers += 1
             for _ in range(helpers):
                 self.queue.put(job)
+        start, cpu = time.perf_counter(), time.thread_time()
         job.work()
-        return job.wait()
+        try:
+            return job.wait()
+        finally:
+            self._observe(time.perf_counter() - start, time.thread_time() - cpu)
+
+    def _observe(self, wall: float, cpu: float) -> None:
+        """Back off to one thread after a contended call (see "A loaded machine")."""
+        if not _CPU_CLOCK_OK:
+            return
+        if cpu < (1.0 - CONTENDED_IDLE) * wall:
+            self.serial_until = time.monotonic() + self.backoff
+            self.backoff = min(2.0 * self.backoff, BACKOFF_MAX)
+        else:
+            self.backoff = BACKOFF_MIN
+
+    def serial(self) -> bool:
+        """Whether calls run on the caller alone for now (backing off after contention)."""
+        return self.serial_until > 0.0 and time.monotonic() < self.serial_until
 
 
 _pool = _Pool(_default_threads())
@@ -236,6 +291,17 @@ def parallel_map(fn: Callable[[Any], _T], items: Sequence[Any], work_elements: i
     """
     pool = _pool
     helpers = min(pool.threads, len(items)) - 1
-    if helpers <= 0 or work_elements < PARALLEL_MIN_ELEMENTS:
+    if helpers <= 0 or work_elements < PARALLEL_MIN_ELEMENTS or pool.serial():
         return [fn(item) for item in items]
     return pool.run(_Job(fn, items, helpers + 1), helpers)
+
+
+def reset_contention() -> None:
+    """Forget any contention measured so far: the next call may use threads again.
+
+    Kernels back off to one thread for a while after a call that the machine's
+    load slowed (see the module docstring); benchmarks and tests that switch
+    between loaded and quiet conditions call this in between.
+    """
+    _pool.serial_until = 0.0
+    _pool.backoff = BACKOFF_MIN
