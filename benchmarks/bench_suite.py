@@ -511,13 +511,19 @@ def _ratios(row: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+_last_condition: str | None = None
+
+
 def run_row(row: Row, rounds: int, target: float, settle: float, reps: int | None = None) -> dict[str, Any]:
     """Time one row; its JSON record."""
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    # Each row starts with the pool's contention state cleared, so a quiet row never
-    # runs in the one-thread backoff a busy row left behind (and a busy row's first
-    # threaded call is a probe, as in a real loop that just met the load).
-    reset_contention()
+    # When the condition changes (quiet <-> competing processes) the pool's contention
+    # state is cleared, so a quiet row never runs in the one-thread backoff a busy row
+    # left behind, and the first busy row starts as a loop that just met the load.
+    global _last_condition
+    if row.condition != _last_condition:
+        reset_contention()
+        _last_condition = row.condition
     results = timing.interleave(row.fns, rounds, target, setups=row.setups, settle_seconds=settle, reps=reps)
     record = {
         "section": row.section,

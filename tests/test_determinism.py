@@ -167,7 +167,10 @@ def test_a_contended_call_backs_off_to_one_thread(restore_threads, monkeypatch):
     assert pool._pool.backoff == 0.4  # a further contended probe would wait twice as long
     time.sleep(0.25)
     assert not pool._pool.serial()
-    pool._pool._observe(1.0, 0.9)  # an uncontended call resets the backoff
+    for _ in range(pool.CALM_CALLS - 1):
+        pool._pool._observe(1.0, 0.9)  # uncontended calls ...
+    assert pool._pool.backoff == 0.4
+    pool._pool._observe(1.0, 0.9)  # ... CALM_CALLS in a row reset the backoff
     assert pool._pool.backoff == pool.BACKOFF_MIN
     pool.reset_contention()
 
@@ -222,3 +225,20 @@ def test_set_num_threads_while_kernels_run(restore_threads):
     assert not any(t.is_alive() for t in workers)
     assert not errors, errors[0]
     assert not mismatches
+
+
+def test_backing_off_changes_no_bit(restore_threads):
+    """A call run on the caller alone while the pool backs off gives the threaded bits."""
+    x, g = _data((32, 64, 16, 16), np.float32, 1e4)
+    runs = []
+    for serial in (False, True):
+        bnorm.set_num_threads(2)
+        pool.reset_contention()
+        if serial:
+            pool._pool.serial_until = time.monotonic() + 60.0
+            assert pool.active_threads() == 1
+        y, ctx = batch_norm_forward(x, None, None, training=True)
+        runs.append([y, ctx.mean, ctx.invstd, *batch_norm_backward(g, ctx)])
+    pool.reset_contention()
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert np.array_equal(a, b), f"result {i} differs when backing off"

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..._validation import compute_dtype as _compute_dtype
-from .pool import num_threads, parallel_map
+from .pool import active_threads, parallel_map
 
 __all__ = ["SCRATCH_THREADS", "affine_pass", "backward_pass", "col", "tiled_sums"]
 
@@ -513,14 +513,15 @@ class _Step:
 def _scratch_threads() -> int:
     """Threads whose planes and tile temporaries the elementwise passes budget for.
 
-    The threads that can hold tiles at once.  Budgeting for SCRATCH_THREADS on a
+    The threads that can hold tiles at once (one while the pool backs off on a
+    loaded machine: the call then runs alone).  Budgeting for SCRATCH_THREADS on a
     2-thread pool cut the planes, runs and tiles four times smaller than memory
     allows: 4x the NumPy calls per pass, each on a quarter of the data, which
     made 2-thread backward passes slower than 1-thread ones (measured on
     (128, 512, 7, 7) float32: 6.6 ms on 2 threads, 4.7 ms on 1).  Tiling does not
     change an elementwise result, so this cannot change any bit.
     """
-    return max(1, min(SCRATCH_THREADS, num_threads()))
+    return max(1, min(SCRATCH_THREADS, active_threads()))
 
 
 def _pass_layout(

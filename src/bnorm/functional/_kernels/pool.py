@@ -32,8 +32,8 @@ wall time: on a quiet machine it is idle for 3-20% of a call (waiting for the
 helper's last item), under that load for ~70%.  A call idle for more than
 :data:`CONTENDED_IDLE` of its time makes the following calls run on the caller
 alone for :data:`BACKOFF_MIN` seconds, doubling up to :data:`BACKOFF_MAX` while
-the threaded calls that probe again stay contended; one uncontended call
-resets it.  Results are the same bits either way.
+the threaded calls that probe again stay contended; :data:`CALM_CALLS`
+uncontended calls in a row reset it.  Results are the same bits either way.
 
 Threads
 -------
@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["PARALLEL_MIN_ELEMENTS", "num_threads", "parallel_map", "reset_contention", "set_num_threads"]
+__all__ = ["PARALLEL_MIN_ELEMENTS", "active_threads", "num_threads", "parallel_map", "reset_contention", "set_num_threads"]
 
 #: Work smaller than this many elements runs on the calling thread alone: below
 #: it, waking a helper (~20-50 us with the GIL hand-over) costs more than it saves.
@@ -72,10 +72,17 @@ CHUNKS_PER_THREAD = 2
 CONTENDED_IDLE = 0.4
 
 #: Seconds of one-thread calls after a contended call, doubled for each further
-#: contended probe up to BACKOFF_MAX: at most one slow call per BACKOFF_MAX
-#: while the machine stays busy.
-BACKOFF_MIN = 0.05
-BACKOFF_MAX = 2.0
+#: contended probe up to BACKOFF_MAX: while the machine stays busy, at most one
+#: slow call per BACKOFF_MAX; a false alarm on a quiet machine costs BACKOFF_MIN
+#: of one-thread calls.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+
+#: Uncontended threaded calls in a row after which the backoff starts again from
+#: BACKOFF_MIN.  Not one: under load a probe's short first job (batch norm's
+#: sums) often runs undisturbed while its second is contended, and resetting on
+#: it kept the probes 0.1 s apart (measured: a probe in every other 20 ms round).
+CALM_CALLS = 4
 
 # Whether time.thread_time can measure a call of a few ms (Linux, macOS: ns;
 # Windows: 15.6 ms ticks -- no contention detection there).
@@ -154,6 +161,7 @@ class _Pool:
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.serial_until = 0.0  # time.monotonic() before which calls run on the caller alone
         self.backoff = BACKOFF_MIN
+        self.calm = 0  # uncontended threaded calls since the last contended one
 
     def _serve(self) -> None:
         q = self.queue
@@ -194,8 +202,11 @@ class _Pool:
         if cpu < (1.0 - CONTENDED_IDLE) * wall:
             self.serial_until = time.monotonic() + self.backoff
             self.backoff = min(2.0 * self.backoff, BACKOFF_MAX)
+            self.calm = 0
         else:
-            self.backoff = BACKOFF_MIN
+            self.calm += 1
+            if self.calm >= CALM_CALLS:
+                self.backoff = BACKOFF_MIN
 
     def serial(self) -> bool:
         """Whether calls run on the caller alone for now (backing off after contention)."""
@@ -296,6 +307,15 @@ def parallel_map(fn: Callable[[Any], _T], items: Sequence[Any], work_elements: i
     return pool.run(_Job(fn, items, helpers + 1), helpers)
 
 
+def active_threads() -> int:
+    """The threads the next call may use: :func:`num_threads`, or 1 while backing off.
+
+    What the kernels size per-thread scratch by (a call on a loaded machine
+    runs on the caller alone, with one thread's tiles).
+    """
+    return 1 if _pool.serial() else _pool.threads
+
+
 def reset_contention() -> None:
     """Forget any contention measured so far: the next call may use threads again.
 
@@ -305,3 +325,4 @@ def reset_contention() -> None:
     """
     _pool.serial_until = 0.0
     _pool.backoff = BACKOFF_MIN
+    _pool.calm = 0
