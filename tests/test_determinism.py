@@ -164,12 +164,12 @@ def test_a_contended_call_backs_off_to_one_thread(restore_threads, monkeypatch):
     _threads_used(8)
     assert pool._pool.serial()
     assert _threads_used(16) == {threading.current_thread().name}  # backing off: the caller alone
-    assert pool._pool.backoff == 0.4  # a further contended probe would wait twice as long
+    assert pool._pool.backoff == pytest.approx(0.2 * pool.BACKOFF_GROWTH)  # a further probe waits longer
     time.sleep(0.25)
     assert not pool._pool.serial()
     for _ in range(pool.CALM_CALLS - 1):
         pool._pool._observe(1.0, 0.9)  # uncontended calls ...
-    assert pool._pool.backoff == 0.4
+    assert pool._pool.backoff == pytest.approx(0.2 * pool.BACKOFF_GROWTH)
     pool._pool._observe(1.0, 0.9)  # ... CALM_CALLS in a row reset the backoff
     assert pool._pool.backoff == pool.BACKOFF_MIN
     pool.reset_contention()

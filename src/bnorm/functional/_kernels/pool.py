@@ -31,7 +31,7 @@ how long the calling thread actually ran (``time.thread_time``) against the
 wall time: on a quiet machine it is idle for 3-20% of a call (waiting for the
 helper's last item), under that load for ~70%.  A call idle for more than
 :data:`CONTENDED_IDLE` of its time makes the following calls run on the caller
-alone for :data:`BACKOFF_MIN` seconds, doubling up to :data:`BACKOFF_MAX` while
+alone for :data:`BACKOFF_MIN` seconds, growing up to :data:`BACKOFF_MAX` while
 the threaded calls that probe again stay contended; :data:`CALM_CALLS`
 uncontended calls in a row reset it.  Results are the same bits either way.
 
@@ -71,18 +71,21 @@ CHUNKS_PER_THREAD = 2
 #: process on two cores: ~70%).
 CONTENDED_IDLE = 0.4
 
-#: Seconds of one-thread calls after a contended call, doubled for each further
-#: contended probe up to BACKOFF_MAX: while the machine stays busy, at most one
-#: slow call per BACKOFF_MAX; a false alarm on a quiet machine costs BACKOFF_MIN
-#: of one-thread calls.
-BACKOFF_MIN = 0.1
+#: Seconds of one-thread calls after a contended call, times BACKOFF_GROWTH for
+#: each further contended probe up to BACKOFF_MAX: while the machine stays busy,
+#: at most one slow call per BACKOFF_MAX after three probes (a probe costs up to
+#: 1-3 ms on a 5 ms call); a false alarm on a quiet machine costs BACKOFF_MIN of
+#: one-thread calls.
+BACKOFF_MIN = 0.2
+BACKOFF_GROWTH = 4.0
 BACKOFF_MAX = 5.0
 
 #: Uncontended threaded calls in a row after which the backoff starts again from
-#: BACKOFF_MIN.  Not one: under load a probe's short first job (batch norm's
-#: sums) often runs undisturbed while its second is contended, and resetting on
-#: it kept the probes 0.1 s apart (measured: a probe in every other 20 ms round).
-CALM_CALLS = 4
+#: BACKOFF_MIN.  Not a few: under load, calls often run undisturbed for a while
+#: (a probe's short first job, batch norm's sums, most of all), and resetting
+#: after 4 of them kept the probes 0.2 s apart instead of growing (measured: 4
+#: to 6 uncontended jobs before each contended one).
+CALM_CALLS = 16
 
 # Whether time.thread_time can measure a call of a few ms (Linux, macOS: ns;
 # Windows: 15.6 ms ticks -- no contention detection there).
@@ -201,7 +204,7 @@ class _Pool:
             return
         if cpu < (1.0 - CONTENDED_IDLE) * wall:
             self.serial_until = time.monotonic() + self.backoff
-            self.backoff = min(2.0 * self.backoff, BACKOFF_MAX)
+            self.backoff = min(BACKOFF_GROWTH * self.backoff, BACKOFF_MAX)
             self.calm = 0
         else:
             self.calm += 1
