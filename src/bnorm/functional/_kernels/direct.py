@@ -50,10 +50,11 @@ In the float64 form the statistics are those of :func:`numpy.mean` and
 channel's float64 sum is exact, so its mean is its value and ``x - mean`` is 0;
 float64 input: the mean is corrected by the mean of ``x - mean``, as in the
 row-wise kernels), and the output is the float64 formula rounded once to the
-compute dtype.  In the compute-dtype form, sums run down the A rows in the compute dtype, in groups of at most
-:data:`GROUP_ROWS` rows, and in float64 across groups and across a channel's
-B columns, so no float32 sum accumulates more than GROUP_ROWS values (relative
-error ~1e-7 of the variance, as in the channel kernels).  Where a sum or
+compute dtype.  In the compute-dtype form, sums run down the A rows in the
+compute dtype, in groups of at most :data:`GROUP_ROWS` rows, and in float64
+across groups and across a channel's B columns, so no float32 sum accumulates
+more than GROUP_ROWS values (relative error ~1e-7 of the variance, as in the
+channel kernels).  Where a sum or
 coefficient is not finite, or the shift left a channel's mean far from zero
 (``mean(d)**2 > 4 var``, the one case where ``sum(d**2)`` could cancel), the
 functions return None / False before writing the output and the caller takes

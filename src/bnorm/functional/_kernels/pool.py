@@ -57,7 +57,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["PARALLEL_MIN_ELEMENTS", "active_threads", "num_threads", "parallel_map", "reset_contention", "set_num_threads"]
+__all__ = [
+    "PARALLEL_MIN_ELEMENTS",
+    "active_threads",
+    "num_threads",
+    "parallel_map",
+    "reset_contention",
+    "set_num_threads",
+]
 
 #: Work smaller than this many elements runs on the calling thread alone: below
 #: it, waking a helper (~20-50 us with the GIL hand-over) costs more than it saves.
