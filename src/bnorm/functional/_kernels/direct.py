@@ -94,7 +94,7 @@ FloatArray = np.ndarray[Any, np.dtype[np.floating[Any]]]
 
 def _plane(v: np.ndarray, b: int, dtype: np.dtype[Any]) -> np.ndarray:
     """A per-channel vector as a row of the ``(A, K*B)`` matrix, in `dtype`."""
-    w = v if v.dtype == dtype else v.astype(dtype)
+    w = v if v.dtype is dtype or v.dtype == dtype else v.astype(dtype)  # `is`: the cheap common case
     return w if b == 1 else np.repeat(w, b)
 
 
@@ -256,13 +256,13 @@ def backward(
 # --------------------------------------------------------------------------- tiny inputs, in float64
 
 
-def _wide(v: np.ndarray, b: int) -> np.ndarray:
-    """A float64 per-channel vector as a row of the ``(A, K*B)`` matrix."""
-    return v if b == 1 else np.repeat(v, b)
-
-
 def _channel_sums(z2: np.ndarray, b: int) -> FloatArray:
-    """Per-channel sums of a float64 ``(A, K*B)`` matrix."""
+    """Per-channel sums of a float64 ``(A, K*B)`` matrix.
+
+    Not :func:`_colsums`: its groups of rows bound the depth of float32
+    accumulation, which float64 does not need, and cost the tiny calls 2-8%
+    (measured on (60, 100) and (700, 3) training forwards).
+    """
     s: FloatArray = np.add.reduce(z2, axis=0)
     return s if b == 1 else np.add.reduce(s.reshape(-1, b), axis=1)
 
@@ -273,23 +273,23 @@ def _tiny_centered(x2: np.ndarray, b: int, mean: np.ndarray | None) -> tuple[Flo
     m = x2.shape[0] * b
     if mean is None:
         mean = _channel_sums(d, b) / m
-        np.subtract(d, _wide(mean, b), out=d)
+        np.subtract(d, _plane(mean, b, d.dtype), out=d)
         if x2.dtype == np.float64:  # the rounding of the first sum (float32 sums are exact here)
             correction = _channel_sums(d, b) / m
-            np.subtract(d, _wide(correction, b), out=d)
+            np.subtract(d, _plane(correction, b, d.dtype), out=d)
             mean += correction
     else:
-        np.subtract(d, _wide(mean, b), out=d)
+        np.subtract(d, _plane(mean, b, d.dtype), out=d)
     return d, mean
 
 
 def _tiny_output(d: FloatArray, b: int, alpha: np.ndarray, beta: np.ndarray | None, y2: np.ndarray) -> None:
     """``y2 = d * alpha + beta`` computed in float64 (`d` is overwritten) and rounded once."""
     if beta is None:
-        np.multiply(d, _wide(alpha, b), out=y2, casting="same_kind")
+        np.multiply(d, _plane(alpha, b, d.dtype), out=y2, casting="same_kind")
     else:
-        np.multiply(d, _wide(alpha, b), out=d)
-        np.add(d, _wide(beta, b), out=y2, casting="same_kind")
+        np.multiply(d, _plane(alpha, b, d.dtype), out=d)
+        np.add(d, _plane(beta, b, d.dtype), out=y2, casting="same_kind")
 
 
 def _tiny_forward_batch(
@@ -345,14 +345,14 @@ def _tiny_backward(
     sum_gx = _channel_sums(g * d, b)
     k = gamma * invstd
     if not batch_stats:
-        np.multiply(g, _wide(k, b), out=dx2, casting="same_kind")
+        np.multiply(g, _plane(k, b, g.dtype), out=dx2, casting="same_kind")
         return sum_g, sum_gx
     b_k = (invstd * invstd) * sum_gx / -m  # coef_x / k
     c_k = sum_g / -m
     if not math.isfinite(np.add.reduce(b_k + c_k + k)):  # any NaN or inf term
         return None
-    np.multiply(d, _wide(b_k, b), out=d)
-    np.add(d, _wide(c_k, b), out=d)
+    np.multiply(d, _plane(b_k, b, d.dtype), out=d)
+    np.add(d, _plane(c_k, b, d.dtype), out=d)
     np.add(d, g, out=d)
-    np.multiply(d, _wide(k, b), out=dx2, casting="same_kind")
+    np.multiply(d, _plane(k, b, d.dtype), out=dx2, casting="same_kind")
     return sum_g, sum_gx
